@@ -1,0 +1,79 @@
+"""Config preparation shared by the tools: AMP / LR scaling / resume switches and a missing-data check."""
+import os.path as osp
+from typing import Iterable
+
+from mmengine.config import Config
+from mmengine.logging import print_log
+
+DEMO_CONFIG = 'configs/demo/vim_demo.py'
+# datasets that create their own data on first use: nothing to check on disk
+SELF_GENERATING_DATASETS = ('ShapesDataset', )
+# plain wrapper -> its AMP variant (--amp)
+AMP_VARIANT = {'OptimWrapper': 'AmpOptimWrapper'}
+
+
+def prepare_train_cfg(cfg: Config, amp: bool = False, auto_scale_lr: bool = False, resume=None) -> None:
+    """Apply tools/train.py's switches to ``cfg`` in place (mmdet 3.x semantics)."""
+    if amp:
+        wrapper = cfg.optim_wrapper
+        wrapper_type = wrapper.get('type', 'OptimWrapper')
+        if wrapper_type in AMP_VARIANT.values():
+            print_log('AMP is already enabled in the config', logger='current')
+        elif wrapper_type in AMP_VARIANT:
+            wrapper.type = AMP_VARIANT[wrapper_type]
+            wrapper.setdefault('loss_scale', 'dynamic')
+        else:
+            raise ValueError(f'--amp: no AMP variant known for optim_wrapper type {wrapper_type!r}')
+    if auto_scale_lr:
+        if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:
+            raise RuntimeError('--auto-scale-lr needs `auto_scale_lr = dict(enable=..., base_batch_size=...)` '
+                               'in the config')
+        cfg.auto_scale_lr.enable = True
+    if resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif resume is not None:
+        cfg.resume = True
+        cfg.load_from = resume
+
+
+def _datasets(dataset_cfg) -> Iterable[dict]:
+    """Yield the leaf dataset configs under dataset wrappers (Repeat/Concat/ClassBalanced...)."""
+    if dataset_cfg is None:
+        return
+    if 'datasets' in dataset_cfg:
+        for d in dataset_cfg['datasets']:
+            yield from _datasets(d)
+    elif 'dataset' in dataset_cfg:
+        yield from _datasets(dataset_cfg['dataset'])
+    else:
+        yield dataset_cfg
+
+
+def check_data_exists(cfg: Config, splits=('train_dataloader', 'val_dataloader', 'test_dataloader')) -> None:
+    """Fail early, before anything is built or written, when a dataset's files are not where the config says."""
+    for split in splits:
+        loader = cfg.get(split)
+        if not loader:
+            continue
+        for ds in _datasets(loader.get('dataset')):
+            if ds.get('type') in SELF_GENERATING_DATASETS:
+                continue
+            root = ds.get('data_root', '') or ''
+            ann = ds.get('ann_file', '') or ''
+            paths = []
+            if ann:
+                paths.append(('annotation file', ann if osp.isabs(ann) else osp.join(root, ann)))
+            img_dir = (ds.get('data_prefix') or {}).get('img', '')
+            if img_dir:
+                paths.append(('image directory', img_dir if osp.isabs(img_dir) else osp.join(root, img_dir)))
+            if not paths and root:
+                paths.append(('data root', root))
+            for what, path in paths:
+                if not osp.exists(path):
+                    raise FileNotFoundError(
+                        f'{split}: {what} not found: expected {osp.abspath(path)!r} (data_root={root!r}). '
+                        f'Put COCO 2017 there (annotations/instances_{{train,val}}2017.json, train2017/, val2017/) '
+                        f'or point the config at it with --cfg-options {split}.dataset.data_root=/path/to/coco/. '
+                        f'To try the project without COCO, run the embedded demo: python tools/train.py '
+                        f'{DEMO_CONFIG}')
