@@ -148,3 +148,18 @@ def test_simple_fpn_levels():
 def test_simple_fpn_rejects_inconsistent_widths():
     with pytest.raises(ValueError, match='keeps 32 channels'):
         SimpleFPN(32, [8, 16, 16, 32], 24, num_outs=5)
+
+
+def test_fp32_roi_extractor_under_bf16_autocast():
+    from projects.vim_disc.models import FP32SingleRoIExtractor
+    init_default_scope('mmdet')
+    ext = FP32SingleRoIExtractor(roi_layer=dict(type='RoIAlign', output_size=7, sampling_ratio=0),
+                                 out_channels=8, featmap_strides=[4, 8])
+    feats = (torch.randn(1, 8, 16, 16), torch.randn(1, 8, 8, 8))
+    rois = torch.tensor([[0., 4., 4., 40., 40.], [0., 0., 0., 60., 50.]])
+    ref = ext(feats, rois)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = ext(tuple(f.bfloat16() for f in feats), rois)
+    assert out.dtype == torch.float32 and out.shape == (2, 8, 7, 7)
+    # only the bf16 rounding of the input features separates the two
+    assert torch.allclose(out, ref, atol=0.05)
