@@ -9,7 +9,7 @@ DEMO_CONFIG = 'configs/demo/vim_demo.py'
 # datasets that create their own data on first use: nothing to check on disk
 SELF_GENERATING_DATASETS = ('ShapesDataset', )
 # plain wrapper -> its AMP variant (--amp)
-AMP_VARIANT = {'OptimWrapper': 'AmpOptimWrapper'}
+AMP_VARIANT = {'OptimWrapper': 'AmpOptimWrapper', 'GuardedOptimWrapper': 'GuardedAmpOptimWrapper'}
 
 
 def prepare_train_cfg(cfg: Config, amp: bool = False, auto_scale_lr: bool = False, resume=None) -> None:

@@ -244,15 +244,10 @@ class VimBackbone(BaseModule):
         super().init_weights()
 
     def _load_official(self, filename: str) -> None:
-        from mmengine.runner.checkpoint import CheckpointLoader
-
-        from .checkpoint_convert import convert_vim_state_dict
-        ckpt = CheckpointLoader.load_checkpoint(filename, map_location='cpu')
-        state = ckpt.get('model', ckpt.get('state_dict', ckpt))
-        state = convert_vim_state_dict(state, self.pos_grid, self.depth, self.embed_dims)
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        print_log(f'VimBackbone: loaded {filename}; missing keys: {missing or "none"}; '
-                  f'unexpected keys: {unexpected or "none"}', logger='current')
+        from .checkpoint_convert import convert_vim_state_dict, load_converted_state_dict, load_vim_checkpoint
+        state = convert_vim_state_dict(load_vim_checkpoint(filename), self.pos_grid, self.depth, self.embed_dims)
+        load_converted_state_dict(self, state)
+        print_log(f'VimBackbone: loaded {filename}', logger='current')
 
     @property
     def mixers(self):
