@@ -13,8 +13,9 @@ setup_repo_path()
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from projects.vim_disc.engine.checkpoint import install_safe_checkpoint_loading  # noqa: E402
-from projects.vim_disc.utils import check_data_exists, prepare_train_cfg  # noqa: E402
+from projects.vim_disc.engine import (install_preemption_signal_handlers,  # noqa: E402
+                                      install_safe_checkpoint_loading, resolve_resume_checkpoint)
+from projects.vim_disc.utils import check_data_exists, init_cpu_process_group, prepare_train_cfg  # noqa: E402
 
 
 def parse_args():
@@ -37,6 +38,8 @@ def parse_args():
 
 
 def main():
+    # a SLURM signal that arrives while the model is still being built must be recorded, not fatal
+    install_preemption_signal_handlers()
     args = parse_args()
     install_safe_checkpoint_loading()
     cfg = Config.fromfile(args.config)
@@ -49,6 +52,9 @@ def main():
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
     prepare_train_cfg(cfg, amp=args.amp, auto_scale_lr=args.auto_scale_lr, resume=args.resume)
     check_data_exists(cfg)
+    # refuse a bad checkpoint before the runner creates anything in the work dir
+    resolve_resume_checkpoint(cfg)
+    init_cpu_process_group(args.launcher, cfg)
     if 'runner_type' in cfg:
         from mmdet.registry import RUNNERS
         runner = RUNNERS.build(cfg)

@@ -6,7 +6,8 @@ runner_type = 'ResumableRunner'
 
 default_hooks = dict(
     timer=dict(type='IterTimerHook'),
-    logger=dict(type='LoggerHook', interval=50),
+    # log_metric_by_epoch=False: validation metrics are stamped with the iteration, not step 0
+    logger=dict(type='LoggerHook', interval=50, log_metric_by_epoch=False),
     param_scheduler=dict(type='ParamSchedulerHook'),
     # every 5,000 iterations (the validation interval), the newest 5 plus `last_checkpoint` for --resume
     checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=5000, max_keep_ckpts=5, save_last=True),

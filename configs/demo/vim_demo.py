@@ -3,9 +3,8 @@
 # mmdet's Cascade Mask R-CNN heads with fewer proposals and sampled RoIs (RoIAlign dominates a CPU step).
 _base_ = [
     'mmdet::_base_/models/cascade-mask-rcnn_r50_fpn.py',
-    'mmdet::_base_/default_runtime.py',
+    '../_base_/default_runtime.py',
 ]
-custom_imports = dict(imports=['projects.vim_disc'], allow_failed_imports=False)
 
 image_size = 160
 embed_dims = 128
@@ -74,8 +73,8 @@ test_pipeline = [
 ]
 train_dataloader = dict(
     batch_size=4, num_workers=1, persistent_workers=True,
-    sampler=dict(type='InfiniteSampler', shuffle=True),
-    batch_sampler=dict(type='AspectRatioBatchSampler'),
+    sampler=dict(type='ResumableInfiniteSampler', shuffle=True),
+    batch_sampler=dict(type='ResumableAspectRatioBatchSampler'),
     dataset=dict(type=dataset_type, data_root=data_root, ann_file='annotations/instances_train.json',
                  data_prefix=dict(img='train/'), filter_cfg=dict(filter_empty_gt=True, min_size=4),
                  pipeline=train_pipeline, backend_args=backend_args))
@@ -89,7 +88,7 @@ val_evaluator = dict(type='CocoMetric', ann_file=data_root + 'annotations/instan
                      metric=['bbox', 'segm'], format_only=False, backend_args=backend_args)
 test_evaluator = val_evaluator
 
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
+train_cfg = dict(type='ResumableIterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
 param_scheduler = [
@@ -97,7 +96,7 @@ param_scheduler = [
     dict(type='MultiStepLR', by_epoch=False, begin=0, end=max_iters, milestones=[int(max_iters * 0.8)], gamma=0.1),
 ]
 optim_wrapper = dict(
-    type='OptimWrapper',
+    type='GuardedOptimWrapper',
     optimizer=dict(type='AdamW', lr=5e-4, betas=(0.9, 0.999), weight_decay=0.05),
     clip_grad=dict(max_norm=1.0, norm_type=2))
 auto_scale_lr = dict(enable=False, base_batch_size=4)
@@ -105,5 +104,5 @@ auto_scale_lr = dict(enable=False, base_batch_size=4)
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=20),
     checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=200, max_keep_ckpts=2, save_last=True))
-log_processor = dict(by_epoch=False)
+log_processor = dict(window_size=20)
 randomness = dict(seed=0, deterministic=False)

@@ -1,6 +1,10 @@
 """Config preparation shared by the tools: AMP / LR scaling / resume switches and a missing-data check."""
+import os
 import os.path as osp
+import subprocess
 from typing import Iterable
+
+import torch
 
 from mmengine.config import Config
 from mmengine.logging import print_log
@@ -77,3 +81,25 @@ def check_data_exists(cfg: Config, splits=('train_dataloader', 'val_dataloader',
                         f'or point the config at it with --cfg-options {split}.dataset.data_root=/path/to/coco/. '
                         f'To try the project without COCO, run the embedded demo: python tools/train.py '
                         f'{DEMO_CONFIG}')
+
+
+def init_cpu_process_group(launcher: str, cfg: Config) -> None:
+    """Start a gloo process group for multi-process runs on machines without CUDA.
+
+    mmengine 0.10.7's pytorch and slurm launchers call ``torch.cuda.set_device`` and fail on CPU-only torch; once a
+    process group exists the Runner uses it as it is. On GPU machines this does nothing: mmengine's launchers run.
+    """
+    if launcher == 'none' or torch.cuda.is_available() or torch.distributed.is_initialized():
+        return
+    if launcher == 'slurm':
+        # the variables torchrun would have set, from SLURM's (mmengine's slurm launcher derives the same)
+        os.environ.setdefault('RANK', os.environ['SLURM_PROCID'])
+        os.environ.setdefault('WORLD_SIZE', os.environ['SLURM_NTASKS'])
+        os.environ.setdefault('LOCAL_RANK', os.environ.get('SLURM_LOCALID', '0'))
+        if 'MASTER_ADDR' not in os.environ:
+            nodes = subprocess.check_output(['scontrol', 'show', 'hostnames', os.environ['SLURM_NODELIST']], text=True)
+            os.environ['MASTER_ADDR'] = nodes.split()[0]
+        os.environ.setdefault('MASTER_PORT', str(cfg.get('env_cfg', {}).get('dist_cfg', {}).get('port', 29500)))
+    elif launcher != 'pytorch':
+        raise RuntimeError(f'launcher {launcher!r} is not supported without CUDA; use pytorch or slurm')
+    torch.distributed.init_process_group(backend='gloo')
