@@ -103,3 +103,7 @@ def init_cpu_process_group(launcher: str, cfg: Config) -> None:
     elif launcher != 'pytorch':
         raise RuntimeError(f'launcher {launcher!r} is not supported without CUDA; use pytorch or slurm')
     torch.distributed.init_process_group(backend='gloo')
+    # mmengine's default DDP wrapper passes device_ids=[LOCAL_RANK], which DDP refuses for CPU modules
+    if cfg.get('model_wrapper_cfg') is None:
+        cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
+                                     find_unused_parameters=cfg.get('find_unused_parameters', False))

@@ -150,6 +150,15 @@ def load_checkpoint_safely(filename: str, map_location=None, *, mmap: bool = Fal
     if not osp.isfile(path):
         raise FileNotFoundError(f'{filename} can not be found.')
     _check_container(path)
+    if _installed:
+        return _load_allow_listed(path, map_location, mmap)
+    # the allow-list applies here even where install_safe_checkpoint_loading() was never called; the context
+    # manager restores torch's list on exit, so it must not wrap a load after the list was installed for good
+    with torch.serialization.safe_globals(safe_globals()):
+        return _load_allow_listed(path, map_location, mmap)
+
+
+def _load_allow_listed(path: str, map_location, mmap: bool):
     if zipfile.is_zipfile(path):
         offending = _unsafe_globals(path)
         if offending:
