@@ -10,7 +10,7 @@ image_size = 160
 embed_dims = 128
 fpn_channels = 128
 num_classes = 5
-max_iters = 600
+max_iters = 400
 
 
 bbox_head_stage = dict(
