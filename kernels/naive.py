@@ -26,6 +26,18 @@ def _shift(v, j):
     return F.pad(v[:, :, :-j], (0, 0, j, 0)) if v.shape[2] > j else torch.zeros_like(v)
 
 
+def prepare_step(u, delta, delta_bias=None, delta_softplus=False):
+    """(compute dtype, u, delta_t): float64 stays float64, everything else computes in fp32; the bias and
+    softplus are applied here so every torch path derives delta_t the same way."""
+    ctype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    delta = delta.to(ctype)
+    if delta_bias is not None:
+        delta = delta + delta_bias[..., None].to(ctype)
+    if delta_softplus:
+        delta = F.softplus(delta)
+    return ctype, u.to(ctype), delta
+
+
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False, discretization='zoh'):
     """h_t = Abar(z_t) h_{t-1} + delta_t sum_j w_j(z_t) B_t u_{t-j},  y_t = C_t h_t + D u_t  [* silu(z)].
@@ -37,13 +49,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     """
     rule = get_discretizer(discretization)
     dtype_in = u.dtype
-    ctype = torch.float64 if dtype_in == torch.float64 else torch.float32
-    u = u.to(ctype)
-    delta = delta.to(ctype)
-    if delta_bias is not None:
-        delta = delta + delta_bias[..., None].to(ctype)
-    if delta_softplus:
-        delta = F.softplus(delta)
+    ctype, u, delta = prepare_step(u, delta, delta_bias, delta_softplus)
     batch, dim, length = u.shape
     if A.is_complex():
         raise ValueError('complex A is not supported: the rules are defined for real z <= 0')

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .discretization import get_discretizer
+from .naive import prepare_step
 
 
 class _LinearRecurrence(torch.autograd.Function):
@@ -68,15 +69,9 @@ def selective_scan_parallel(u, delta, A, B, C, D=None, z=None, delta_bias=None, 
     """
     rule = get_discretizer(discretization)
     dtype_in = u.dtype
-    ctype = torch.float64 if dtype_in == torch.float64 else torch.float32
+    ctype, u, delta = prepare_step(u, delta, delta_bias, delta_softplus)
     batch, dim, length = u.shape
     n_state = A.shape[1]
-    u = u.to(ctype)
-    delta = delta.to(ctype)
-    if delta_bias is not None:
-        delta = delta + delta_bias[..., None].to(ctype)
-    if delta_softplus:
-        delta = F.softplus(delta)
     B4, C4 = _grouped(B.to(ctype), dim), _grouped(C.to(ctype), dim)  # (batch, G, N, L)
 
     # Time-major (L, batch, dim, N): each step of the recurrence is one contiguous slice.

@@ -16,6 +16,30 @@ SELF_GENERATING_DATASETS = ('ShapesDataset', )
 AMP_VARIANT = {'OptimWrapper': 'AmpOptimWrapper', 'GuardedOptimWrapper': 'GuardedAmpOptimWrapper'}
 
 
+def add_common_args(parser) -> None:
+    """Arguments tools/train.py and tools/test.py share (mmdet 3.x names)."""
+    from mmengine.config import DictAction
+    parser.add_argument('--work-dir', help='the dir to save logs, models and metrics')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override settings in the config, key=value (xxx=yyy format)')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none', help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def load_tool_config(args) -> Config:
+    """The config of a tool run: file + --cfg-options + launcher + work dir (default work_dirs/<config name>)."""
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    return cfg
+
+
 def prepare_train_cfg(cfg: Config, amp: bool = False, auto_scale_lr: bool = False, resume=None) -> None:
     """Apply tools/train.py's switches to ``cfg`` in place (mmdet 3.x semantics)."""
     if amp:
@@ -107,3 +131,12 @@ def init_cpu_process_group(launcher: str, cfg: Config) -> None:
     if cfg.get('model_wrapper_cfg') is None:
         cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
                                      find_unused_parameters=cfg.get('find_unused_parameters', False))
+
+
+def build_runner(cfg: Config):
+    """mmengine's Runner, or the config's ``runner_type`` (the COCO recipe uses ``ResumableRunner``)."""
+    if 'runner_type' in cfg:
+        from mmdet.registry import RUNNERS
+        return RUNNERS.build(cfg)
+    from mmengine.runner import Runner
+    return Runner.from_cfg(cfg)
