@@ -24,6 +24,7 @@ from mmengine.registry import init_default_scope  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
 
 import projects.vim_disc  # noqa: E402,F401
+from projects.vim_disc.engine.optim_wrapper import SKIPS_TOTAL  # noqa: E402
 from mmdet.registry import MODELS  # noqa: E402
 from mmdet.structures import DetDataSample  # noqa: E402
 from mmdet.structures.mask import BitmapMasks  # noqa: E402
@@ -87,7 +88,9 @@ def run(config, precision, args):
             times.append(time.perf_counter() - t0)
         if not all(torch.isfinite(torch.as_tensor(v)).all() for v in losses.values()):
             nonfinite += 1
-    skipped = getattr(optim_wrapper, 'skipped_steps', None)
+    # the guarded wrappers count skipped updates in the message hub; None for mmengine's plain wrappers
+    skipped = (optim_wrapper.message_hub.get_info(SKIPS_TOTAL, 0)
+               if hasattr(optim_wrapper, 'consecutive_skips') else None)
     return dict(config=config, precision=precision, batch=args.batch, size=args.size, iters=args.iters,
                 s_per_iter=statistics.median(times), s_per_iter_min=min(times),
                 peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, nonfinite_iters=nonfinite,
