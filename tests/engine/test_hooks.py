@@ -12,19 +12,7 @@ from projects.vim_disc.engine.hooks import (LR_SCALE, ROLLBACKS, NonFiniteRollba
                                             SSMStatsHook, summarize_direction)
 from projects.vim_disc.engine.optim_wrapper import SKIPS_TOTAL, GuardedOptimWrapper
 from tests.engine.toy_runner import ToySSMModel, toy_runner, weights
-
-
-class ForwardEuler:
-    """Abar = 1 + z: |Abar| <= 1 only for -2 <= z <= 0 (a rule that can leave its stable range)."""
-    name = 'euler'
-    z_stable = -2.0
-    z_clamp = None
-
-    def abar(self, z):
-        return 1 + z
-
-    def clamp_z(self, z):
-        return z
+from tests.kernels.user_rules import ForwardEuler
 
 
 def _brute_force(delta, A, disc):

@@ -13,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.discretization import (MAX_HISTORY, RK4, RULES, SERIES_RADIUS, Bilinear, Discretizer, chi,
+from kernels.discretization import (MAX_HISTORY, RK4, RULES, SERIES_RADIUS, Bilinear, chi,
                                     get_discretizer, lagrange_in_r, phi, tl_chi, tl_phi)
+from tests.kernels.user_rules import ForwardEuler
 
 FP32_RTOL = 1e-5
 
@@ -277,33 +278,6 @@ def test_registry_names_and_errors():
 
 
 # ------------------------------------------------------------------ a user-defined rule
-@triton.jit
-def _euler_coeffs(z):
-    zero = 0.0 * z
-    return 1.0 + z, 1.0 + zero, zero, zero, zero
-
-
-@triton.jit
-def _euler_coeffs_grad(z):
-    zero = 0.0 * z
-    return 1.0 + z, 1.0 + zero, zero, zero, zero, 1.0 + zero, zero, zero, zero, zero
-
-
-class ForwardEuler(Discretizer):
-    """Test-only: Abar = 1 + z, w_0 = 1 (stable for z >= -2)."""
-    name = 'euler'
-    history = 0
-    z_stable = -2.0
-    tl_coeffs = _euler_coeffs
-    tl_coeffs_grad = _euler_coeffs_grad
-
-    def abar(self, z):
-        return 1.0 + z
-
-    def input_weights(self, z):
-        return (torch.ones_like(z),)
-
-
 def test_user_rule_plugs_in():
     rule = get_discretizer(ForwardEuler(clamp=True))
     assert rule.z_clamp == -2.0 and rule.history == 0

@@ -7,45 +7,17 @@ one at a time, so races and bf16 are left to tests/gpu/test_scan_gpu.py.
 """
 import pytest
 import torch
-import triton
-import triton.language as tl
 
-from kernels.discretization import RULES, Discretizer, get_discretizer
+from kernels.discretization import RULES, get_discretizer
 from kernels.naive import selective_scan_ref
 from kernels.selective_scan import ScanConfig, selective_scan_fn, selective_scan_triton
+from tests.kernels.user_rules import ForwardEuler
 
 # 4-step tiles, states saved every 2 tiles, forward chunks of 4 tiles and backward chunks of 2, 2 channels
 # per block, 2 splits of the backward, 2 states per trip of the state loop (N = 3: the second trip overshoots)
 SMALL = ScanConfig(tile_l=4, seg_tiles=2, block_d=2, block_d_bwd=2, chunk_tiles=4, bwd_chunk_tiles=2, d_split=2,
                    states_per_trip=2, states_per_trip_bwd=2)
 TOL = dict(rtol=6e-4, atol=2e-3)  # mamba-ssm's fp32 tolerances
-
-
-@triton.jit
-def _euler_coeffs(z):
-    zero = 0.0 * z
-    return 1.0 + z, 1.0 + zero, zero, zero, zero
-
-
-@triton.jit
-def _euler_coeffs_grad(z):
-    zero = 0.0 * z
-    return 1.0 + z, 1.0 + zero, zero, zero, zero, 1.0 + zero, zero, zero, zero, zero
-
-
-class ForwardEuler(Discretizer):
-    """Test-only rule: Abar = 1 + z, w_0 = 1. The kernel must take it without an edit."""
-    name = 'euler_test'
-    history = 0
-    z_stable = -2.0
-    tl_coeffs = _euler_coeffs
-    tl_coeffs_grad = _euler_coeffs_grad
-
-    def abar(self, z):
-        return 1.0 + z
-
-    def input_weights(self, z):
-        return (torch.ones_like(z),)
 
 
 @pytest.fixture(autouse=True)

@@ -163,3 +163,18 @@ def test_fp32_roi_extractor_under_bf16_autocast():
     assert out.dtype == torch.float32 and out.shape == (2, 8, 7, 7)
     # only the bf16 rounding of the input features separates the two
     assert torch.allclose(out, ref, atol=0.05)
+
+
+def test_a_user_registered_rule_builds_from_config():
+    from projects.vim_disc.models import DISCRETIZERS
+    from tests.kernels.user_rules import ForwardEuler
+    DISCRETIZERS.register_module(name='EulerForTest', module=ForwardEuler, force=True)
+    try:
+        model = VimBackbone(arch=TINY, img_size=64, discretization=dict(type='EulerForTest', clamp=True))
+        assert all(isinstance(m.discretizer, ForwardEuler) for m in model.mixers)
+        assert model.mixers[0].discretizer.z_clamp == -2.0
+        assert model.reinit_dt_after_load  # not zoh: dt biases follow ssm_cfg after loading weights
+        out = model(torch.randn(1, 3, 64, 64))[0]
+        assert torch.isfinite(out).all()
+    finally:
+        DISCRETIZERS.module_dict.pop('EulerForTest')
