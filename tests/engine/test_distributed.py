@@ -98,7 +98,7 @@ def two_ranks(tmp_path_factory):
                 for r in range(2)}
     assert not hung, f'ranks {hung} hung; scenarios reached: {progress}'
     assert all(p.exitcode == 0 for p in procs), f'exit codes {[p.exitcode for p in procs]}; reached {progress}'
-    return root, [torch.load(out / f'rank{r}.pth', weights_only=False) for r in range(2)]
+    return root, [torch.load(out / f'rank{r}.pth', weights_only=True) for r in range(2)]
 
 
 def _same(a, b):

@@ -14,6 +14,8 @@ import time
 import pytest
 import torch
 
+from projects.vim_disc.engine.checkpoint import load_checkpoint_safely
+
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 STATE = '/tmp/vim_disc_slurm'
 
@@ -91,7 +93,7 @@ def _queued(job):
 
 
 def _weights(path):
-    return torch.load(path, map_location='cpu', weights_only=False)['state_dict']
+    return load_checkpoint_safely(str(path), map_location='cpu')['state_dict']
 
 
 def test_submission_options_for_a_multi_node_job(tmp_path):
@@ -139,7 +141,7 @@ def test_preempted_job_requeues_and_matches_an_uninterrupted_run(slurm, config, 
     assert saved, out[-4000:]
     k = int(saved.group(2))
     assert k in (2, 3) and saved.group(4) == job  # the boundary right after the signal
-    ckpt = torch.load(saved.group(1), map_location='cpu', weights_only=False)
+    ckpt = load_checkpoint_safely(saved.group(1), map_location='cpu')
     assert ckpt['meta']['iter'] == k and ckpt['meta']['preempted_by'] == 'SIGUSR1'
     first, second = out.split('SLURM_RESTART_COUNT=1')
     assert f'Iter(train) [{k + 1}/4]' not in first  # nothing trained after the checkpoint was lost
@@ -172,6 +174,6 @@ def test_time_limit_with_signal_loses_nothing_since_the_signal(slurm, config, tm
     signal_at = first.index('USR1 at')
     done_before_signal = [int(i) for i in re.findall(r'Iter\(train\) \[\s*(\d+)/1000\]', first[:signal_at])]
     assert k - max(done_before_signal, default=0) <= 1  # only the iteration in flight finished after it
-    assert torch.load(saved.group(1), map_location='cpu', weights_only=False)['meta']['iter'] == k
+    assert load_checkpoint_safely(saved.group(1), map_location='cpu')['meta']['iter'] == k
     log = open(osp.join(STATE, 'slurmctld.log')).read()
     assert re.search(rf'[Rr]equeu\w* JobId={job}', log)
