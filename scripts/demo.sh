@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-exec .venv/bin/python tools/train.py configs/demo/vim_demo.py --work-dir work_dirs/vim_demo "$@"
+VENV=${VIM_DISC_VENV:-$PWD/.venv}
+exec "$VENV/bin/python" tools/train.py configs/demo/vim_demo.py --work-dir work_dirs/vim_demo "$@"

@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-export PATH="$PWD/.venv/bin:$PATH"
-exec .venv/bin/python -m pytest "$@"
+VENV=${VIM_DISC_VENV:-$PWD/.venv}
+export PATH="$VENV/bin:$PATH"
+exec "$VENV/bin/python" -m pytest "$@"
