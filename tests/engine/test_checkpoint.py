@@ -1,10 +1,13 @@
 """Resume under torch.load(weights_only=True): real Runner round trips and refused files."""
 import hashlib
 import io
+import json
 import os
 import os.path as osp
 import pickle
 import pickletools
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -59,11 +62,58 @@ def trained(tmp_path_factory):
     return work_dir
 
 
-def test_install_is_idempotent():
-    before = torch.serialization.get_safe_globals()
-    install_safe_checkpoint_loading()
-    install_safe_checkpoint_loading()
-    assert torch.serialization.get_safe_globals() == before
+# run in a fresh interpreter: in this one the install already happened at import
+_INSTALL_THREE_TIMES = r"""
+import json, sys, torch
+import mmengine.runner as runner_pkg, mmengine.runner.checkpoint as checkpoint_module
+import mmengine.runner.runner as runner_module
+from mmengine.logging import HistoryBuffer
+from mmengine.runner.checkpoint import CheckpointLoader
+from projects.vim_disc.engine import checkpoint as ckpt
+
+def name(f):
+    return f[1] if isinstance(f, tuple) else f'{f.__module__}.{f.__qualname__}'
+
+def state():
+    return dict(safe_globals=sorted(map(name, torch.serialization.get_safe_globals())),
+                hooks=[name(HistoryBuffer.__getstate__), name(HistoryBuffer.__setstate__),
+                       name(CheckpointLoader._schemes[''])],
+                save=[name(m.save_checkpoint) for m in (checkpoint_module, runner_module, runner_pkg)])
+
+states = [state()]
+for _ in range(3):
+    ckpt.install_safe_checkpoint_loading()
+    states.append(state())
+buf = HistoryBuffer()
+for v in (1.0, 4.0, 2.5):
+    buf.update(v)
+torch.save(dict(meta=dict(iter=1, epoch=0), state_dict={}, message_hub=dict(loss=buf)), sys.argv[1])
+loaded = torch.load(sys.argv[1], weights_only=True)['message_hub']['loss']  # no allow-list context here
+print('STATES ' + json.dumps(dict(states=states, allow_list=sorted(map(name, ckpt.safe_globals())),
+                                  mean=loaded.mean(), max=loaded.max())))
+"""
+
+
+def test_install_is_idempotent(tmp_path):
+    root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+    proc = subprocess.run([sys.executable, '-c', _INSTALL_THREE_TIMES, str(tmp_path / 'hub.pth')], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('STATES '))[7:])
+    fresh, first, *again = result['states']
+    # the first install changes everything it owns: torch's allow-list, HistoryBuffer, mmengine's loader & save
+    allow_list = set(result['allow_list'])
+    assert 'mmengine.logging.history_buffer.HistoryBuffer' in allow_list
+    assert not allow_list & set(fresh['safe_globals'])  # torch registers some of its own: none of ours yet
+    assert first['safe_globals'] == sorted(allow_list | set(fresh['safe_globals']))
+    assert [a != b for a, b in zip(fresh['hooks'], first['hooks'])] == [True] * 3
+    assert first['save'] == ['projects.vim_disc.engine.checkpoint.save_checkpoint_atomically'] * 3
+    # later installs change nothing: no second entry, no wrapper around a wrapper, one log line
+    assert again == [first, first]
+    assert out.count('vim-disc: checkpoints load with weights_only=True') == 1
+    # and what it is for still works: the message hub's buffer loads with weights_only=True, statistics included
+    assert (result['mean'], result['max']) == (pytest.approx(2.5), 4.0)
 
 
 def test_history_buffer_pickles_data_only():

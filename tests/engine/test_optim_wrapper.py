@@ -9,8 +9,8 @@ from mmengine.logging import MessageHub
 from mmengine.optim import OptimWrapper
 
 from projects.vim_disc.engine import optim_wrapper as ow
-from projects.vim_disc.engine.optim_wrapper import (AMP_OVERFLOWS_TOTAL, SKIPS_TOTAL, GuardedAmpOptimWrapper,
-                                                    GuardedOptimWrapper)
+from projects.vim_disc.engine.optim_wrapper import (AMP_OVERFLOW_STEPS, AMP_OVERFLOWS_TOTAL, SKIPPED_STEPS,
+                                                    SKIPS_TOTAL, GuardedAmpOptimWrapper, GuardedOptimWrapper)
 from tests.engine.toy_runner import toy_runner, weights
 
 
@@ -67,6 +67,7 @@ def test_guard_changes_nothing_when_all_is_finite(tmp_path):
     for k, v in weights(stock).items():
         torch.testing.assert_close(weights(guarded)[k], v, rtol=1e-6, atol=1e-7)
     assert guarded.message_hub.get_info(SKIPS_TOTAL) is None
+    assert guarded.message_hub.get_scalar(SKIPPED_STEPS).data[0].tolist() == [0] * 6
     stock_norms = stock.message_hub.get_scalar('train/grad_norm').data[0]
     guarded_norms = guarded.message_hub.get_scalar('train/grad_norm').data[0]
     assert guarded_norms == pytest.approx(stock_norms, rel=1e-6)
@@ -91,8 +92,8 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, where):
     assert runner.message_hub.get_info(SKIPS_TOTAL) == 3
     assert runner.optim_wrapper.consecutive_skips == 0  # iterations 4 and 5 updated
     assert runner.optim_wrapper.last_skip['iter'] == 3
-    skip_flags = runner.message_hub.get_scalar('train/nonfinite_skip').data[0].tolist()
-    assert skip_flags == [1, 0, 1, 1, 0, 0]
+    # the running total after every update, so the value the logger reads at any iteration is exact
+    assert runner.message_hub.get_scalar(SKIPPED_STEPS).data[0].tolist() == [1, 1, 2, 3, 3, 3]
     # the scheduler kept its schedule through the skips
     assert trace.lr == pytest.approx([0.01, 0.055, 0.1, 0.1, 0.1, 0.05])
 
@@ -155,6 +156,10 @@ def test_amp_overflow_is_counted_apart_and_backs_off(cpu_amp):
     # a good step updates and clears the streak
     wrapper.update_params(model(torch.ones(1, 2)).sum())
     assert model.weight.any() and wrapper.consecutive_skips == 0
+    # both running totals and the scale, published after each of the six updates
+    assert hub.get_scalar(AMP_OVERFLOW_STEPS).data[0].tolist() == [1, 2, 3, 4, 5, 5]
+    assert hub.get_scalar(SKIPPED_STEPS).data[0].tolist() == [0, 0, 0, 0, 1, 1]
+    assert hub.get_scalar('train/loss_scale').data[0].tolist() == [8, 4, 2, 1, 0.5, 0.5]
 
 
 def test_amp_nonfinite_loss_is_a_guard_skip_and_keeps_the_scale(cpu_amp):
@@ -164,6 +169,8 @@ def test_amp_nonfinite_loss_is_a_guard_skip_and_keeps_the_scale(cpu_amp):
     wrapper.update_params(model(torch.ones(1, 2)).sum())
     assert wrapper.loss_scaler.get_scale() == 16.0
     assert wrapper.consecutive_skips == 1 and wrapper.message_hub.get_info(AMP_OVERFLOWS_TOTAL) is None
+    assert wrapper.message_hub.get_scalar(SKIPPED_STEPS).current() == 1
+    assert wrapper.message_hub.get_scalar(AMP_OVERFLOW_STEPS).current() == 0
     assert torch.equal(model.weight, before)
 
 

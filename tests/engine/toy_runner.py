@@ -12,6 +12,8 @@ from mmengine.model import BaseModel
 from mmengine.runner import Runner
 from torch.utils.data import Dataset
 
+from projects.vim_disc.engine.checkpoint import install_safe_checkpoint_loading
+
 
 class ToyRegressor(BaseModel):
     """y = w x + b with an MSE loss split into two named terms (so log_vars has several loss keys)."""
@@ -58,6 +60,7 @@ def toy_runner(work_dir, max_iters=6, ckpt_interval=3, resume=False, load_from=N
         param_scheduler = [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=3),
                            dict(type='MultiStepLR', by_epoch=False, milestones=[5], gamma=0.5)]
     torch.manual_seed(0)  # same initial weights in every run (for a model built here)
+    install_safe_checkpoint_loading()  # what tools/train.py does first: resume loads with weights_only=True
     return runner_cls(
         model=model if model is not None else ToyRegressor(dropout),
         work_dir=str(work_dir),

@@ -47,9 +47,35 @@ def test_tiny_preset_matches_the_official_layout():
     assert not any(k.startswith(('head', 'norm_f', 'cls_token', 'rope')) for k in state)
 
 
-@pytest.mark.parametrize('arch,dims', [('small', 384), ('base', 768)])
-def test_presets(arch, dims):
-    assert VimBackbone.arch_zoo[arch] == dict(embed_dims=dims, depth=24)
+def official_layer_shapes(dims: int, d_state: int = 16, d_conv: int = 4) -> dict:
+    """Each parameter of one official Vim layer (bimamba v2, expand 2, dt_rank ceil(dims / 16)) and its shape."""
+    inner, rank = 2 * dims, math.ceil(dims / 16)
+    shapes = {'norm.weight': (dims, ), 'mixer.in_proj.weight': (2 * inner, dims),
+              'mixer.out_proj.weight': (dims, inner)}
+    for suffix in ('', '_b'):
+        shapes.update({
+            f'mixer.A{suffix}_log': (inner, d_state), f'mixer.D{suffix}': (inner, ),
+            f'mixer.conv1d{suffix}.weight': (inner, 1, d_conv), f'mixer.conv1d{suffix}.bias': (inner, ),
+            f'mixer.x_proj{suffix}.weight': (rank + 2 * d_state, inner),
+            f'mixer.dt_proj{suffix}.weight': (inner, rank), f'mixer.dt_proj{suffix}.bias': (inner, )})
+    return shapes
+
+
+# the Vim paper's Table 1 (ImageNet classifiers: + middle cls token, final norm, 1000-class head): 7M, 26M, 98M
+@pytest.mark.parametrize('arch,dims,paper_millions', [('tiny', 192, 7), ('small', 384, 26), ('base', 768, 98)])
+def test_presets(arch, dims, paper_millions):
+    model = VimBackbone(arch=arch, img_size=224)
+    assert model.embed_dims == dims and len(model.layers) == model.depth == 24
+    layer = official_layer_shapes(dims)
+    assert set(layer) == OFFICIAL_LAYER_KEYS
+    expected = {'patch_embed.proj.weight': (dims, 3, 16, 16), 'patch_embed.proj.bias': (dims, ),
+                'pos_embed': (1, 14 * 14, dims)}
+    expected.update({f'layers.{i}.{k}': shape for i in range(24) for k, shape in layer.items()})
+    assert {n: tuple(p.shape) for n, p in model.named_parameters()} == expected
+    count = sum(p.numel() for p in model.parameters())
+    assert count == sum(math.prod(shape) for shape in expected.values())
+    classifier_extras = 3 * dims + dims * 1000 + 1000  # cls token, its pos_embed row, norm_f; head
+    assert round((count + classifier_extras) / 1e6) == paper_millions
 
 
 def test_gradients_reach_every_parameter():

@@ -161,11 +161,13 @@ def write_segment(work_dir, stamp, rows, tail=''):
         f.write(tail)
 
 
-def train_row(it, loss, skip=None, **extra):
+def train_row(it, loss, skipped=None, **extra):
+    """A training line as LoggerHook writes it. `skipped`: the guard's running count at this iteration (keys
+    outside LogProcessor's mean pattern are logged as their value at the logged iteration)."""
     row = {'lr': 1e-4, 'loss': loss, 'loss_rpn_cls': loss / 4, 's0.loss_mask': loss / 3, 's0.acc': 90.0,
            'grad_norm': 10.0 / it, 'time': 1.0, 'iter': it, 'step': it, **extra}
-    if skip is not None:
-        row['nonfinite_skip'] = skip
+    if skipped is not None:
+        row['nonfinite_skipped_steps'] = float(skipped)
     return row
 
 
@@ -176,23 +178,25 @@ def val_row(step, bbox, segm):
 
 @pytest.fixture
 def runs_dir(tmp_path):
-    # run "zoh": launched, killed after iteration 60 (a line half written), resumed from the iteration-40
-    # checkpoint; iterations 50 and 60 are logged twice, the resumed values must win.
+    # run "zoh", stock mmengine runner (a folder per launch), fp16: launched, killed after iteration 60 (a line
+    # half written), resumed from the iteration-40 checkpoint, whose message hub held 2 skips; iterations 50
+    # and 60 are logged twice, the resumed values must win (the 6 skips of the killed launch are undone).
     zoh = tmp_path / 'zoh'
-    first = [train_row(i, 2.0 - i / 100, skip=0.0 if i != 30 else 0.5) for i in (10, 20, 30, 40)]
+    amp = dict(amp_overflow_skipped_steps=7.0, loss_scale=512.0)  # counted apart, not skipped updates
+    first = [train_row(i, 2.0 - i / 100, skipped=n, **amp) for i, n in ((10, 0), (20, 0), (30, 2), (40, 2))]
     # validation lines stamped with the epoch (0), as LoggerHook's default log_metric_by_epoch=True writes them
-    first += [val_row(0, 0.10, 0.08)] + [train_row(i, 5.0, skip=1.0) for i in (50, 60)]
+    first += [val_row(0, 0.10, 0.08)] + [train_row(i, 5.0, skipped=n, **amp) for i, n in ((50, 5), (60, 8))]
     write_segment(zoh, '20260101_000000', first, tail='{"loss": 1.0, "st')
-    second = [train_row(i, 1.6 - i / 1000, skip=0.0) for i in (50, 60, 70, 80)] + [val_row(0, 0.20, 0.15)]
-    write_segment(zoh, '20260101_020000', second)
-    # run "rk4": one segment, a running skip counter instead of the per-step flag
+    second = [train_row(i, 1.6 - i / 1000, skipped=n, **amp) for i, n in ((50, 2), (60, 2), (70, 3), (80, 3))]
+    write_segment(zoh, '20260101_020000', second + [val_row(0, 0.20, 0.15)])
+    # run "rk4": one segment, another trainer's running count
     rk4 = tmp_path / 'rk4'
     # validation lines stamped with the iteration (log_metric_by_epoch=False)
     rows = [train_row(i, 1.9 - i / 200, **{'nonfinite/skipped_steps': float(i // 40)}) for i in (10, 20, 40, 80)]
     write_segment(rk4, '20260102_000000', rows[:3] + [val_row(40, 0.3, 0.25)] + rows[3:] + [val_row(80, 0.25, 0.2)])
-    # run "foh": no skip scalar at all, no validation yet
+    # run "foh": no running count, only a per-step 0/1 flag (one sample per logging interval), no validation yet
     foh = tmp_path / 'foh'
-    write_segment(foh, '20260103_000000', [train_row(i, 1.8) for i in (10, 20)])
+    write_segment(foh, '20260103_000000', [train_row(i, 1.8, nonfinite_skip=1.0) for i in (10, 20)])
     return tmp_path
 
 
@@ -207,11 +211,57 @@ def test_segments_are_joined_and_later_ones_override(runs_dir):
     assert run['coco/bbox_mAP'][0].tolist() == [40, 80]
     np.testing.assert_allclose(run['coco/bbox_mAP'][1], [0.10, 0.20])
     assert 'iter' not in run and 'step' not in run
-    # the flag (mean over each logging window) integrated over the windows: 0.5 * 10 iterations at step 30;
-    # the killed segment's skips at 50 and 60 were superseded by the resumed run
+    # the guard's count, not the AMP overflows; the killed launch's counts at 50 and 60 were superseded
     skip_steps, skipped = compare.skipped_steps(run)
     assert skip_steps.tolist() == steps.tolist()
-    np.testing.assert_allclose(skipped, [0, 0, 5, 5, 5, 5, 5, 5])
+    np.testing.assert_allclose(skipped, [0, 0, 2, 2, 2, 2, 3, 3])
+
+
+def test_a_folder_appended_by_a_resume_and_a_rollback(tmp_path):
+    """ResumableRunner's layout: one folder; a resumed launch appends to scalars.json, right after a cut line."""
+    first = [train_row(i, loss, skipped=n) for i, loss, n in ((10, 3.0, 0), (20, 2.9, 0), (30, 2.8, 1),
+                                                              (40, 2.7, 1), (50, 2.6, 1))]
+    # killed while writing iteration 60; resumed from the iteration-40 checkpoint (its hub: 1 skip); a skip streak
+    # ends at iteration 80 with a rollback to the iteration-60 checkpoint (the count goes on), and the job is
+    # still running: its iteration 80 is stale
+    resumed = [train_row(i, loss, skipped=n) for i, loss, n in ((50, 2.5, 1), (60, 2.4, 2), (70, 5.0, 4),
+                                                                (80, 9.0, 6), (70, 2.3, 6))]
+    d = tmp_path / 'run' / '20260101_000000' / 'vis_data'
+    d.mkdir(parents=True)
+    lines = [json.dumps(r) for r in first] + ['{"loss": 1.0, "st' + json.dumps(resumed[0])]
+    (d / 'scalars.json').write_text('\n'.join(lines + [json.dumps(r) for r in resumed[1:]]) + '\n')
+    with pytest.warns(UserWarning, match='kept the row appended'):
+        run = compare.load_run(str(tmp_path / 'run'))
+    steps, loss = run['loss']
+    assert steps.tolist() == [10, 20, 30, 40, 50, 60, 70]
+    np.testing.assert_allclose(loss, [3.0, 2.9, 2.8, 2.7, 2.5, 2.4, 2.3])
+    np.testing.assert_allclose(compare.skipped_steps(run)[1], [0, 0, 1, 1, 1, 2, 6])
+
+
+def test_logged_skip_counts_of_a_guarded_run_resumed_into_its_folder(tmp_path):
+    """The real guard, mmengine's LogProcessor (window 10) and LocalVisBackend, and ResumableRunner: logging
+    every 3 iterations, compare_runs reads the exact number of skipped updates at every logged iteration."""
+    from projects.vim_disc.engine.optim_wrapper import SKIPPED_STEPS, SKIPS_TOTAL, GuardedOptimWrapper
+    from projects.vim_disc.engine.sampler import ResumableRunner
+    from tests.engine.toy_runner import toy_runner
+
+    def train(max_iters, bad, **kwargs):
+        optim_wrapper = dict(type=GuardedOptimWrapper, optimizer=dict(type='SGD', lr=0.1),
+                             inject_nonfinite=dict(loss_iters=bad))
+        runner = toy_runner(tmp_path, max_iters=max_iters, ckpt_interval=3, log_interval=3, runner_cls=ResumableRunner,
+                            optim_wrapper=optim_wrapper, **kwargs)
+        runner.train()
+        return runner
+
+    # runner.iter 0, 4, 5 (logged steps 1, 5, 6) are skipped; a flag logged at steps 3 and 6 would read 0, 1
+    first = train(6, bad=[0, 4, 5])
+    assert first.message_hub.get_scalar(SKIPPED_STEPS).current() == first.message_hub.get_info(SKIPS_TOTAL) == 3
+    # resume from the iteration-3 checkpoint (1 skip so far): steps 4-6 re-run without skips, one skip at 8
+    second = train(9, bad=[7], resume=True, load_from=str(tmp_path / 'iter_3.pth'))
+    assert second.message_hub.get_scalar(SKIPPED_STEPS).current() == second.message_hub.get_info(SKIPS_TOTAL) == 2
+    assert len(compare.find_segments(str(tmp_path))) == 1
+    steps, skipped = compare.skipped_steps(compare.load_run(str(tmp_path)))
+    assert steps.tolist() == [3, 6, 9] and skipped.tolist() == [1, 1, 2]
 
 
 def test_a_fresh_launch_in_the_same_dir_supersedes_the_old_one(tmp_path):
@@ -228,7 +278,7 @@ def test_compare_figure_and_table(runs_dir, tmp_path):
     fig, drawn = compare.plot_runs(runs, out=str(out))
     assert_png(out, (800, 400))
     assert list(drawn)[:3] == ['loss', 'loss_rpn_cls', 's0.loss_mask']
-    assert 's0.acc' not in drawn
+    assert 's0.acc' not in drawn and 'loss_scale' not in drawn
     assert {'grad_norm', 'skipped updates (cumulative)', 'coco/bbox_mAP', 'coco/segm_mAP'} <= set(drawn)
     titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
     assert titles == list(drawn)
@@ -239,7 +289,7 @@ def test_compare_figure_and_table(runs_dir, tmp_path):
             np.testing.assert_allclose(y, runs[name][panel][1])
     ax_loss = fig.axes[titles.index('loss')]
     assert sorted(line.get_label() for line in ax_loss.get_lines()) == ['foh', 'rk4', 'zoh']
-    # skipped: zoh integrates its flag, rk4 reads its counter, foh logs none and draws nothing
+    # skipped: zoh and rk4 log running counts; foh's flag is not a count and draws nothing
     assert set(drawn['skipped updates (cumulative)']) == {'zoh', 'rk4'}
     np.testing.assert_allclose(drawn['skipped updates (cumulative)']['rk4'][1], [0, 0, 1, 2])
     assert set(drawn['coco/segm_mAP']) == {'zoh', 'rk4'}
@@ -249,7 +299,7 @@ def test_compare_figure_and_table(runs_dir, tmp_path):
     table = compare.markdown_table(runs).splitlines()
     assert table[0].startswith('| run | iterations | loss |')
     rows = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]] for line in table[2:]}
-    assert rows['zoh'] == ['80', '1.5200', '0.125', '5', '0.200', '0.150', '0.200 (80)']
+    assert rows['zoh'] == ['80', '1.5200', '0.125', '3', '0.200', '0.150', '0.200 (80)']
     assert rows['rk4'] == ['80', '1.5000', '0.125', '2', '0.250', '0.200', '0.300 (40)']
     assert rows['foh'] == ['20', '1.8000', '0.5', '-', '-', '-', '-']
 

@@ -100,14 +100,37 @@ def _weights(path):
     return load_checkpoint_safely(str(path), map_location='cpu')['state_dict']
 
 
-def test_submission_options_for_a_multi_node_job(tmp_path):
+def _python_choice(case, tmp_path):
+    """(environment for the python the job runs, the word expected to start its srun command line)."""
+    if case == 'override':
+        return {'PYTHON': '/opt/my python/bin/python3'}, r'/opt/my\ python/bin/python3'
+    if case == 'VIM_DISC_VENV':
+        venv = tmp_path / 'my venv'  # a space: the interpreter's path must stay one word too
+        (venv / 'bin').mkdir(parents=True)
+        (venv / 'bin' / 'python').write_text('#!/bin/sh\n')
+        (venv / 'bin' / 'python').chmod(0o755)
+        return {'VIM_DISC_VENV': str(venv)}, str(venv / 'bin' / 'python').replace(' ', r'\ ')
+    if case == 'no venv':
+        return {'VIM_DISC_VENV': str(tmp_path / 'no venv here')}, 'python'
+    # the default: the repo's .venv, where scripts/setup_env.sh installs everything
+    venv_python = osp.join(ROOT, '.venv', 'bin', 'python')
+    assert os.access(venv_python, os.X_OK), f'{venv_python} missing: run scripts/setup_env.sh'
+    return {}, venv_python
+
+
+@pytest.mark.parametrize('python', ['repo .venv', 'VIM_DISC_VENV', 'no venv', 'override'])
+def test_submission_options_for_a_multi_node_job(tmp_path, python):
     """No SLURM needed: a stand-in sbatch records its options and the job script it is given."""
     bin_dir = tmp_path / 'bin'
     bin_dir.mkdir()
     (bin_dir / 'sbatch').write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/options\ncat > {tmp_path}/script\necho 77\n')
     (bin_dir / 'sbatch').chmod(0o755)
+    python_env, python_word = _python_choice(python, tmp_path)
     env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'GPUS': '16', 'GPUS_PER_NODE': '8',
            'CPUS_PER_TASK': '6', 'TIME': '24:00:00', 'SIGNAL_SECONDS': '900', 'SRUN_ARGS': '--mpi=none'}
+    for name in ('PYTHON', 'VIM_DISC_VENV'):  # the caller's own choice must not leak into the default cases
+        env.pop(name, None)
+    env.update(python_env)
     work = tmp_path / 'work dir'  # a space: every path must stay one word
     proc = _sh('bash', 'tools/slurm_train.sh', 'gpu', 'vim-zoh', 'configs/vim_zoh.py', str(work), '--amp',
                '--cfg-options', "optim_wrapper.optimizer.lr=2e-4", env=env)
@@ -119,7 +142,7 @@ def test_submission_options_for_a_multi_node_job(tmp_path):
         assert expected in options, (expected, options)
     script = (tmp_path / 'script').read_text()
     srun = ' '.join(next(line for line in script.splitlines() if line.startswith('srun ')).split())
-    assert srun.startswith('srun --kill-on-bad-exit=1 --mpi=none python -u tools/train.py configs/vim_zoh.py')
+    assert srun.startswith(f'srun --kill-on-bad-exit=1 --mpi=none {python_word} -u tools/train.py configs/vim_zoh.py ')
     assert r'--work-dir ' + str(work).replace(' ', r'\ ') in srun
     assert srun.endswith('--launcher slurm --resume --amp --cfg-options optim_wrapper.optimizer.lr=2e-4 &')
     assert "trap forward USR1" in script and 'kill -USR1 "$SRUN_PID"' in script
@@ -188,3 +211,36 @@ def test_time_limit_with_signal_loses_nothing_since_the_signal(slurm, config, tm
     assert load_checkpoint_safely(saved.group(1), map_location='cpu')['meta']['iter'] == k
     log = open(osp.join(STATE, 'slurmctld.log')).read()
     assert re.search(rf'[Rr]equeu\w* JobId={job}', log)
+
+
+@pytest.mark.slow
+def test_two_task_job_preempts_on_every_rank_and_matches_torchrun(slurm, config, tmp_path):
+    """srun with 2 tasks (--launcher slurm, gloo): USR1 reaches both ranks, they stop at one boundary, rank 0
+    requeues, both resume; the result equals the same 2-process training under torchrun, uninterrupted."""
+    ref_dir, work, iters = tmp_path / 'torchrun', tmp_path / 'slurm2', 12
+    env = {**os.environ, 'PORT': '29531', 'PYTHON': sys.executable}
+    env.pop('PYTHONPATH', None)
+    reference = subprocess.Popen(
+        ['bash', 'tools/dist_train.sh', config, '2', '--work-dir', str(ref_dir), '--cfg-options',
+         f'train_cfg.max_iters={iters}', 'env_cfg.dist_cfg.backend=gloo'], cwd=ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = _submit(work, config, iters, GPUS='2', GPUS_PER_NODE='2', LAUNCHER='slurm')
+
+    _wait(lambda: 2 in _iters_logged(_out(work, job), iters), 900, 'iteration 2')
+    _sh('scancel', '--signal=USR1', '--batch', job)
+    _wait(lambda: (work / f'iter_{iters}.pth').exists() and not _queued(job), 1200, 'the requeued job to finish')
+    assert reference.wait(timeout=1200) == 0
+
+    out = _out(work, job)
+    first, second = out.split('SLURM_RESTART_COUNT=1')
+    assert 'Distributed training: True' in first and 'Distributed training: True' in second
+    saved = re.search(r'SIGUSR1: saved (\S+iter_(\d+)\.pth) at iter (\d+); requeued SLURM job (\d+)', first)
+    assert saved, first[-4000:]
+    k = int(saved.group(2))
+    assert 2 <= k < iters and max(_iters_logged(first, iters)) == k
+    assert min(_iters_logged(second, iters)) == k + 1
+    ckpt = load_checkpoint_safely(saved.group(1), map_location='cpu')
+    assert ckpt['meta']['iter'] == k
+    final, expected = _weights(work / f'iter_{iters}.pth'), _weights(ref_dir / f'iter_{iters}.pth')
+    for name, value in expected.items():
+        torch.testing.assert_close(final[name], value, rtol=0, atol=0, msg=name)

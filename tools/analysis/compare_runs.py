@@ -3,20 +3,26 @@
 ``python tools/analysis/compare_runs.py WORK_DIR [WORK_DIR ...] [--labels ...] [--out compare_runs.png]
 [--table compare_runs.md] [--smooth N]``
 
-Each WORK_DIR holds one timestamped folder per launch (``WORK_DIR/<YYYYmmdd_HHMMSS>/vis_data/scalars.json``,
-one JSON object per line). A resumed run adds a folder; the segments are joined in time order, and a later
-segment replaces everything an earlier one logged from the later segment's first training step on (the
-iterations it re-ran after the checkpoint it resumed from). Validation lines are drawn at the iteration they
-followed: with LoggerHook's default ``log_metric_by_epoch=True`` an iteration-based run stamps them step 0.
+Each WORK_DIR holds timestamped launch folders (``WORK_DIR/<YYYYmmdd_HHMMSS>/vis_data/scalars.json``, one JSON
+object per line). Stock mmengine opens a new folder at every launch, resumed or not; the project's
+``ResumableRunner`` (the configs' default) appends a resumed launch to the first launch's folder. Either way the
+lines are read in time order (folders by name, then line by line), and a training line at or before the previous
+training line's iteration (a resume from an earlier checkpoint, a rollback, a fresh start in the same WORK_DIR)
+replaces everything logged from its iteration on: what the run logged last for an iteration wins. Validation lines
+are drawn at the iteration they followed: with LoggerHook's default ``log_metric_by_epoch=True`` an
+iteration-based run stamps them step 0.
 
 Draws one panel per loss term (``loss``, ``loss_rpn_cls``, ``s0.loss_mask``, ...), the gradient norm, the
 cumulative count of skipped updates and COCO bbox / segm mAP, every run in its own colour. Writes the PNG and
 a markdown table of final metrics (also printed).
 
-Skipped updates: a scalar whose name contains ``skipped`` (e.g. ``nonfinite/skipped_steps``) is read as a
-running count; any other name containing ``skip`` (the guard's ``nonfinite_skip``: 1 for a skipped update,
-0 otherwise, averaged over the logging window) as a rate, integrated over the logged iterations (exact when
-``log_processor.window_size`` equals the logger interval). Runs that log neither show no curve and ``-``.
+Skipped updates: the guarded optimizer wrappers' running count ``nonfinite_skipped_steps`` (updates skipped for a
+non-finite loss or gradient; fp16 overflows that GradScaler handled are counted apart, as
+``amp_overflow_skipped_steps``, and not drawn), or for other trainers the first scalar whose name contains
+``skipped``. Only running counts are read: mmengine's LogProcessor window-averages just the keys matching
+``loss|time|data_time|grad_norm`` and logs any other key as its value at the logged iteration, so a per-step
+skip flag in scalars.json is one sample per logging interval, from which no count can be recovered. Runs
+without a count show no curve and ``-``.
 """
 import argparse
 import glob
@@ -38,6 +44,8 @@ import numpy as np  # noqa: E402
 # keys that index a line rather than measure anything
 INDEX_KEYS = ('step', 'iter', 'epoch')
 METRICS = ('coco/bbox_mAP', 'coco/segm_mAP')
+# GuardedOptimWrapper's running count of skipped updates (projects/vim_disc/engine/optim_wrapper.py)
+GUARD_COUNTER = 'nonfinite_skipped_steps'
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -57,18 +65,30 @@ def find_segments(work_dir):
                   key=lambda p: osp.basename(osp.dirname(osp.dirname(p))))
 
 
+def _json_or_none(text):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
 def read_scalars(path):
-    """The JSON lines of one scalars.json; a line cut short by a killed process is skipped with a warning."""
+    """The JSON lines of one scalars.json; a line cut short by a killed process is skipped with a warning.
+
+    A launch resumed into the same folder appends its first row right after the cut one, on the same line;
+    rows are flat objects, so that row starts at the line's last ``{`` and is kept.
+    """
     rows = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                warnings.warn(f'{path}:{n}: not valid JSON (a partly written line?), skipped')
-                continue
+            row = _json_or_none(line)
+            if row is None:
+                start = line.rfind('{')
+                row = _json_or_none(line[start:]) if start > 0 else None
+                warnings.warn(f'{path}:{n}: not valid JSON (a partly written line?), '
+                              + ('kept the row appended to it' if isinstance(row, dict) else 'skipped'))
             if isinstance(row, dict) and 'step' in row:
                 rows.append(row)
     return rows
@@ -77,24 +97,24 @@ def read_scalars(path):
 def join_segments(segments):
     """{key: (steps, values)} from the rows of each segment, oldest first.
 
-    A segment that logged training lines (rows with ``iter``) supersedes every earlier point at or after its
-    first training step; points at the same step are replaced. Segments without training lines (e.g. an
+    A training line (a row with ``iter``) at or before the previous training line's step, in its own segment
+    or an earlier one, supersedes every point logged so far at or after its step (the iterations a resume or
+    a rollback re-ran); points at the same step are replaced. Segments without training lines (e.g. an
     evaluation-only launch) only replace points at the steps they log. Other lines (validation) whose step
-    is behind the last training line (an epoch number) are placed at that training line's step.
+    is behind the segment's last training line (an epoch number) are placed at that training line's step.
     """
     points = {}
+    previous_train = None
     for rows in segments:
-        train_steps = [int(r['step']) for r in rows if 'iter' in r]
-        if train_steps:
-            first = min(train_steps)
-            for series in points.values():
-                for step in [s for s in series if s >= first]:
-                    del series[step]
         last_train = None
         for row in rows:
             step = int(row['step'])
             if 'iter' in row:
-                last_train = step
+                if previous_train is not None and step <= previous_train:
+                    for series in points.values():
+                        for old in [s for s in series if s >= step]:
+                            del series[old]
+                previous_train = last_train = step
             elif last_train is not None and step < last_train:
                 # LoggerHook's default log_metric_by_epoch=True stamps validation lines with the epoch (0 for
                 # an iteration-based loop): place them at the iteration of the training line before them
@@ -123,8 +143,8 @@ def load_run(work_dir):
 # What is drawn
 # ----------------------------------------------------------------------------------------------------
 def is_loss_key(key):
-    # 'loss', 'loss_rpn_cls', 's0.loss_mask'; not 's0.acc' nor anything under a prefix like 'ssm/'
-    return '/' not in key and (key.startswith('loss') or '.loss' in key)
+    # 'loss', 'loss_rpn_cls', 's0.loss_mask'; not 's0.acc', the AMP 'loss_scale', nor anything under 'ssm/'
+    return '/' not in key and key != 'loss_scale' and (key.startswith('loss') or '.loss' in key)
 
 
 def loss_keys(runs):
@@ -134,16 +154,11 @@ def loss_keys(runs):
 
 
 def skipped_steps(run):
-    """(steps, cumulative skipped updates) of a run, or None when it logs no skip scalar (see module doc)."""
+    """(steps, cumulative skipped updates) of a run, or None when it logs no running count (see module doc)."""
+    if GUARD_COUNTER in run:
+        return run[GUARD_COUNTER]
     counters = sorted(k for k in run if 'skipped' in k.lower())
-    if counters:
-        return run[counters[0]]
-    rates = sorted(k for k in run if 'skip' in k.lower())
-    if not rates:
-        return None
-    steps, rate = run[rates[0]]
-    spans = np.diff(np.concatenate([[0], steps]))
-    return steps, np.cumsum(rate * spans)
+    return run[counters[0]] if counters else None
 
 
 def smooth(values, window):

@@ -6,6 +6,9 @@ image_size = (1024, 1024)
 backend_args = None
 
 train_pipeline = [
+    # augmentation = f(seed, stream position) in dataloader workers: a resumed run flips/scales/crops exactly as an
+    # uninterrupted one (projects/vim_disc/engine/sampler.py)
+    dict(type='SeedFromStreamPosition'),
     dict(type='LoadImageFromFile', backend_args=backend_args),
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True, poly2mask=False),
     dict(type='RandomFlip', prob=0.5),

@@ -6,6 +6,13 @@ ranks never disagree or hang), the gradients are zeroed, and the skip is counted
 iteration. Rolling back after many skips in a row is the job of ``NonFiniteRollbackHook`` (hooks.py),
 which reads :attr:`consecutive_skips`.
 
+Every update (applied or skipped) publishes the running totals as scalars: ``train/nonfinite_skipped_steps``
+and, with AMP, ``train/amp_overflow_skipped_steps`` (and the current ``train/loss_scale``). Cumulative on
+purpose: mmengine's ``LogProcessor`` logs a key that does not match its ``mean_pattern`` (loss, time,
+grad_norm) with its value at the logged iteration only, so a per-step 0/1 flag would log one sample, while a
+count read at any logged iteration is exact. The totals live in the message hub's runtime info, which
+checkpoints save, so they continue across a resume and a rollback.
+
 With fp16 AMP (``GuardedAmpOptimWrapper``) two kinds of skip exist and are counted apart:
 
 * a *guard skip*: the (unscaled) loss itself is non-finite; the loss scale is left alone, since a smaller
@@ -34,6 +41,9 @@ from mmdet.registry import OPTIM_WRAPPERS
 SKIPS_TOTAL = 'nonfinite_skips_total'
 CONSECUTIVE_SKIPS = 'nonfinite_consecutive_skips'
 AMP_OVERFLOWS_TOTAL = 'amp_overflow_skips_total'
+# the same totals as logged scalars, published at every update (see the module docstring)
+SKIPPED_STEPS = 'train/nonfinite_skipped_steps'
+AMP_OVERFLOW_STEPS = 'train/amp_overflow_skipped_steps'
 
 
 class _NonFiniteGuard:
@@ -114,7 +124,7 @@ class _NonFiniteGuard:
         total = int(self.message_hub.get_info(SKIPS_TOTAL, 0) or 0) + 1
         self.message_hub.update_info(SKIPS_TOTAL, total, resumed=True)
         self.message_hub.update_info(CONSECUTIVE_SKIPS, self.consecutive_skips, resumed=True)
-        self.message_hub.update_scalar('train/nonfinite_skip', 1.0)
+        self._publish_counts()
         it = self._iter()
         self.last_skip = dict(iter=it, loss=float(self._last_loss.float().mean()), grad_norm=float(norm),
                               **verdict)
@@ -135,7 +145,10 @@ class _NonFiniteGuard:
         self.consecutive_skips = 0
         self.last_step_skipped = False
         self.message_hub.update_info(CONSECUTIVE_SKIPS, 0, resumed=True)
-        self.message_hub.update_scalar('train/nonfinite_skip', 0.0)
+        self._publish_counts()
+
+    def _publish_counts(self) -> None:
+        self.message_hub.update_scalar(SKIPPED_STEPS, int(self.message_hub.get_info(SKIPS_TOTAL, 0) or 0))
 
     def reset_skip_streak(self) -> None:
         """Called after a rollback: the streak that caused it is over."""
@@ -193,6 +206,7 @@ class GuardedAmpOptimWrapper(_NonFiniteGuard, AmpOptimWrapper):
             else:
                 self._count_skipped_step_as_taken()
                 self.zero_grad()
+                self._publish_counts()
             return
         self._clip(params, norm)
         scaler.step(self.optimizer, **kwargs)  # already unscaled and finite: steps
@@ -208,14 +222,15 @@ class GuardedAmpOptimWrapper(_NonFiniteGuard, AmpOptimWrapper):
             scaler.update(new_scale)
         total = int(self.message_hub.get_info(AMP_OVERFLOWS_TOTAL, 0) or 0) + 1
         self.message_hub.update_info(AMP_OVERFLOWS_TOTAL, total, resumed=True)
-        self.message_hub.update_scalar('train/amp_overflow', 1.0)
-        self.message_hub.update_scalar('train/loss_scale', float(scaler.get_scale()))
         print_log(f'iter {self._iter() + 1}: fp16 gradient overflow, update skipped, loss scale now '
                   f'{scaler.get_scale():g} ({total} overflows in total)', logger='current', level=logging.INFO)
 
-    def _record_update(self) -> None:
-        super()._record_update()
-        self.message_hub.update_scalar('train/amp_overflow', 0.0)
+    def _publish_counts(self) -> None:
+        super()._publish_counts()
+        hub = self.message_hub
+        hub.update_scalar(AMP_OVERFLOW_STEPS, int(hub.get_info(AMP_OVERFLOWS_TOTAL, 0) or 0))
+        # every update, not only at an overflow: the scale also grows back between overflows
+        hub.update_scalar('train/loss_scale', float(self.loss_scaler.get_scale()))
 
 
 class _Injection:

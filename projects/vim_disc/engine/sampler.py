@@ -13,6 +13,12 @@ the position can be set directly:
   carry a partial batch over. ``fast_forward(n)`` replays that grouping arithmetically (cumulative counts
   over the index stream, from each image's width/height metadata) and restores both the stream position
   and the buckets' contents exactly.
+* ``StreamIndex`` / ``SeedFromStreamPosition``: the sampler yields indices that also carry their position in
+  the stream; the transform, first in a training pipeline, reseeds a dataloader worker's RNGs from
+  (seed, position) before each sample, so a sample's augmentation (flip, LSJ scale, crop) depends only on
+  where it is in the stream, not on which worker or how many samples came before it since the workers
+  started. With ``num_workers > 0`` a resumed run therefore augments exactly like an uninterrupted one
+  (the main process's RNGs, used with ``num_workers=0``, travel in the checkpoint: ``RNGStateHook``).
 * ``ResumableIterBasedTrainLoop``: ``IterBasedTrainLoop`` that creates its dataloader iterator only in
   ``run()``, after the runner resumed, positioned at the resumed iteration.
 * ``ResumableRunner``: a ``Runner`` whose restarts (``resume=True``) keep writing into the first start's
@@ -27,6 +33,7 @@ Configs use them by name::
 """
 import logging
 import os.path as osp
+import random
 import time
 from typing import Dict, Iterator, List, Optional, Sequence, Sized, Tuple, Union
 
@@ -39,11 +46,62 @@ from mmengine.runner import IterBasedTrainLoop, Runner
 from mmengine.runner.base_loop import BaseLoop
 from mmengine.runner.loops import _InfiniteDataloaderIterator
 from mmengine.runner.utils import calc_dynamic_intervals
-from torch.utils.data import BatchSampler, DataLoader
+from mmcv.transforms import BaseTransform
+from torch.utils.data import BatchSampler, DataLoader, get_worker_info
 
 from mmdet.datasets.samplers import AspectRatioBatchSampler
-from mmdet.registry import DATA_SAMPLERS, LOOPS, RUNNERS
+from mmdet.registry import DATA_SAMPLERS, LOOPS, RUNNERS, TRANSFORMS
 from .checkpoint import write_text_atomically
+
+
+class StreamIndex(int):
+    """A dataset index that also knows where it is in the training stream.
+
+    It is an ``int`` everywhere (datasets index with it; mmengine's ``get_data_info`` stores it as the
+    sample's ``sample_idx``), plus ``position`` (the global stream element, unique across ranks) and the
+    sampler's ``seed``: what ``SeedFromStreamPosition`` needs to make the sample's augmentation a pure
+    function of its position.
+    """
+
+    def __new__(cls, index: int, position: int, seed: int):
+        self = super().__new__(cls, index)
+        self.position = int(position)
+        self.seed = int(seed)
+        return self
+
+    def __getnewargs__(self):  # pickled into dataloader workers with its fields
+        return int(self), self.position, self.seed
+
+    def __repr__(self) -> str:
+        return f'StreamIndex({int(self)}, position={self.position}, seed={self.seed})'
+
+
+def stream_sample_seed(seed: int, position: int) -> int:
+    """A 63-bit seed for the sample at ``position`` of the stream with ``seed``; SeedSequence mixes the two, so
+    neighbouring positions (and seeds) get unrelated random streams."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, position]).generate_state(1, np.uint64)[0] >> 1)
+
+
+@TRANSFORMS.register_module()
+class SeedFromStreamPosition(BaseTransform):
+    """Reseed the dataloader worker's ``random``, ``numpy`` and ``torch`` RNGs from the sample's stream position.
+
+    Put it first in the training pipeline of a loader whose sampler is ``ResumableInfiniteSampler``. In a
+    worker process it makes every random choice of the following transforms a function of (seed, position)
+    only, so resuming at any iteration (and any ``num_workers``) replays the same augmentations. In the main
+    process (``num_workers=0``) it does nothing: those RNGs also drive the model and are checkpointed whole.
+    A sample without a stream position (validation, or mmengine's retry after a pipeline returned None)
+    keeps the worker's RNG as it is, which is itself already determined by the position seeded before.
+    """
+
+    def transform(self, results: dict) -> dict:
+        idx = results.get('sample_idx')
+        if isinstance(idx, StreamIndex) and get_worker_info() is not None:
+            seed = stream_sample_seed(idx.seed, idx.position)
+            random.seed(seed)
+            np.random.seed(seed & 0xFFFFFFFF)
+            torch.manual_seed(seed)
+        return results
 
 
 @DATA_SAMPLERS.register_module()
@@ -80,8 +138,15 @@ class ResumableInfiniteSampler(InfiniteSampler):
             offset = (offset - self.size) % self.world_size
 
     def _indices_of_rank(self) -> Iterator[int]:
+        n = self.start
         for chunk in self.rank_chunks(self.start):
-            yield from chunk.tolist()
+            for index in chunk.tolist():
+                yield StreamIndex(index, self.position_of(n), self.seed)
+                n += 1
+
+    def position_of(self, n: int) -> int:
+        """The global stream element of this rank's n-th index."""
+        return self.rank + n * self.world_size
 
 
 @DATA_SAMPLERS.register_module()
@@ -120,7 +185,8 @@ class ResumableAspectRatioBatchSampler(AspectRatioBatchSampler):
         bs = self.batch_size
         buckets_of = self.bucket_ids()
         counts = np.zeros(2, dtype=np.int64)
-        tails: List[np.ndarray] = [np.empty(0, np.int64), np.empty(0, np.int64)]
+        # per bucket, the last indices that went into it and their numbers n in this rank's stream
+        tails: List[np.ndarray] = [np.empty((0, 2), np.int64), np.empty((0, 2), np.int64)]
         consumed = 0
         if num_batches > 0:
             for chunk in self.sampler.rank_chunks(0):
@@ -129,15 +195,17 @@ class ResumableAspectRatioBatchSampler(AspectRatioBatchSampler):
                 cum = counts[None, :] + np.stack([np.cumsum(bucket == 0), np.cumsum(bucket == 1)], axis=1)
                 batches = (cum // bs).sum(axis=1)
                 stop = int(np.searchsorted(batches, num_batches))  # first k with batches(k) >= target
-                take = idx if stop == len(idx) else idx[:stop + 1]
+                take = len(idx) if stop == len(idx) else stop + 1
+                numbered = np.stack([idx[:take], consumed + np.arange(take)], axis=1)
                 for b in (0, 1):
-                    tails[b] = np.concatenate([tails[b], take[bucket[:len(take)] == b]])[-bs:]
-                counts = cum[len(take) - 1]
-                consumed += len(take)
+                    tails[b] = np.concatenate([tails[b], numbered[bucket[:take] == b]])[-bs:]
+                counts = cum[take - 1]
+                consumed += take
                 if stop < len(idx):
                     break
         self._aspect_ratio_buckets = [
-            tails[b][len(tails[b]) - int(counts[b] % bs):].tolist() for b in (0, 1)]
+            [StreamIndex(index, self.sampler.position_of(n), self.sampler.seed)
+             for index, n in tails[b][len(tails[b]) - int(counts[b] % bs):].tolist()] for b in (0, 1)]
         self.sampler.skip(consumed)
 
 
