@@ -218,13 +218,16 @@ def test_two_task_job_preempts_on_every_rank_and_matches_torchrun(slurm, config,
     """srun with 2 tasks (--launcher slurm, gloo): USR1 reaches both ranks, they stop at one boundary, rank 0
     requeues, both resume; the result equals the same 2-process training under torchrun, uninterrupted."""
     ref_dir, work, iters = tmp_path / 'torchrun', tmp_path / 'slurm2', 12
-    env = {**os.environ, 'PORT': '29531', 'PYTHON': sys.executable}
+    # torchrun gives each process OMP_NUM_THREADS=1; the SLURM tasks get the same (sbatch exports the environment),
+    # since another thread count changes float reduction orders and the weights would differ in the last bits
+    threads = {'OMP_NUM_THREADS': '1'}
+    env = {**os.environ, 'PORT': '29531', 'PYTHON': sys.executable, **threads}
     env.pop('PYTHONPATH', None)
     reference = subprocess.Popen(
         ['bash', 'tools/dist_train.sh', config, '2', '--work-dir', str(ref_dir), '--cfg-options',
          f'train_cfg.max_iters={iters}', 'env_cfg.dist_cfg.backend=gloo'], cwd=ROOT, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    job = _submit(work, config, iters, GPUS='2', GPUS_PER_NODE='2', LAUNCHER='slurm')
+    job = _submit(work, config, iters, GPUS='2', GPUS_PER_NODE='2', LAUNCHER='slurm', **threads)
 
     _wait(lambda: 2 in _iters_logged(_out(work, job), iters), 900, 'iteration 2')
     _sh('scancel', '--signal=USR1', '--batch', job)
