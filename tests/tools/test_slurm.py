@@ -149,17 +149,9 @@ def test_submission_options_for_a_multi_node_job(tmp_path, python):
     assert f'--output={work}/slurm-%j.out' in (tmp_path / 'options').read_text()
 
 
-@pytest.mark.slow
-def test_preempted_job_requeues_and_matches_an_uninterrupted_run(slurm, config, tmp_path):
-    ref_dir, work = tmp_path / 'reference', tmp_path / 'slurm'
-    # enough iterations that the stop lands mid-run however long SLURM takes to deliver the signal
-    iters = 16
-    reference = subprocess.Popen(  # the same training without SLURM, alongside
-        [sys.executable, 'tools/train.py', config, '--work-dir', str(ref_dir),
-         '--cfg-options', f'train_cfg.max_iters={iters}'], cwd=ROOT, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
-    job = _submit(work, config, iters)
-
+def _preempt_mid_run(work, job, iters, reference):
+    """USR1 once iteration 2 is logged; wait for the requeued job and the reference run; check the stop and the
+    resume. Returns the job's output before and after the requeue."""
     _wait(lambda: 2 in _iters_logged(_out(work, job), iters), 900, 'iteration 2')
     _sh('scancel', '--signal=USR1', '--batch', job)  # what --signal=B:USR1@T delivers before a time limit
     _wait(lambda: (work / f'iter_{iters}.pth').exists() and not _queued(job), 1200, 'the requeued job to finish')
@@ -181,11 +173,29 @@ def test_preempted_job_requeues_and_matches_an_uninterrupted_run(slurm, config, 
     assert max(_iters_logged(first, iters)) == k  # nothing trained after the checkpoint was lost
     assert f'resumed epoch: 0, iter: {k}' in second
     assert min(_iters_logged(second, iters)) == k + 1  # resumed at k, nothing replayed
-    # one log directory across the restart
-    assert len([d for d in os.listdir(work) if osp.isdir(work / d)]) == 1
-    final, expected = _weights(work / f'iter_{iters}.pth'), _weights(ref_dir / f'iter_{iters}.pth')
+    return first, second
+
+
+def _assert_same_weights(checkpoint, expected_checkpoint):
+    final, expected = _weights(checkpoint), _weights(expected_checkpoint)
     for name, value in expected.items():
         torch.testing.assert_close(final[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_preempted_job_requeues_and_matches_an_uninterrupted_run(slurm, config, tmp_path):
+    ref_dir, work = tmp_path / 'reference', tmp_path / 'slurm'
+    # enough iterations that the stop lands mid-run however long SLURM takes to deliver the signal
+    iters = 16
+    reference = subprocess.Popen(  # the same training without SLURM, alongside
+        [sys.executable, 'tools/train.py', config, '--work-dir', str(ref_dir),
+         '--cfg-options', f'train_cfg.max_iters={iters}'], cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    job = _submit(work, config, iters)
+    _preempt_mid_run(work, job, iters, reference)
+    # one log directory across the restart
+    assert len([d for d in os.listdir(work) if osp.isdir(work / d)]) == 1
+    _assert_same_weights(work / f'iter_{iters}.pth', ref_dir / f'iter_{iters}.pth')
 
 
 @pytest.mark.slow
@@ -229,21 +239,6 @@ def test_two_task_job_preempts_on_every_rank_and_matches_torchrun(slurm, config,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     job = _submit(work, config, iters, GPUS='2', GPUS_PER_NODE='2', LAUNCHER='slurm', **threads)
 
-    _wait(lambda: 2 in _iters_logged(_out(work, job), iters), 900, 'iteration 2')
-    _sh('scancel', '--signal=USR1', '--batch', job)
-    _wait(lambda: (work / f'iter_{iters}.pth').exists() and not _queued(job), 1200, 'the requeued job to finish')
-    assert reference.wait(timeout=1200) == 0
-
-    out = _out(work, job)
-    first, second = out.split('SLURM_RESTART_COUNT=1')
+    first, second = _preempt_mid_run(work, job, iters, reference)
     assert 'Distributed training: True' in first and 'Distributed training: True' in second
-    saved = re.search(r'SIGUSR1: saved (\S+iter_(\d+)\.pth) at iter (\d+); requeued SLURM job (\d+)', first)
-    assert saved, first[-4000:]
-    k = int(saved.group(2))
-    assert 2 <= k < iters and max(_iters_logged(first, iters)) == k
-    assert min(_iters_logged(second, iters)) == k + 1
-    ckpt = load_checkpoint_safely(saved.group(1), map_location='cpu')
-    assert ckpt['meta']['iter'] == k
-    final, expected = _weights(work / f'iter_{iters}.pth'), _weights(ref_dir / f'iter_{iters}.pth')
-    for name, value in expected.items():
-        torch.testing.assert_close(final[name], value, rtol=0, atol=0, msg=name)
+    _assert_same_weights(work / f'iter_{iters}.pth', ref_dir / f'iter_{iters}.pth')
