@@ -24,7 +24,7 @@ import triton  # noqa: E402
 
 import projects.vim_disc.models.vim as vim_module  # noqa: E402
 from benchmark_scan import load_mamba_scan, mamba_scan  # noqa: E402
-from kernels import RULES, selective_scan_fn, selective_scan_parallel  # noqa: E402
+from kernels import RULES, selective_scan_fn  # noqa: E402
 from projects.vim_disc.models import VimBackbone  # noqa: E402
 
 PROFILE_GROUPS = (  # first match wins; names of CUDA kernels as the profiler reports them
@@ -37,16 +37,23 @@ PROFILE_GROUPS = (  # first match wins; names of CUDA kernels as the profiler re
 
 def use_provider(name, mamba_module):
     """Point the backbone's mixers at one scan implementation."""
+    os.environ.pop('VIM_DISC_SCAN', None)
     if name == 'triton':
         vim_module.selective_scan_fn = selective_scan_fn
     elif name == 'parallel':
-        vim_module.selective_scan_fn = selective_scan_parallel
+        os.environ['VIM_DISC_SCAN'] = 'parallel'  # selective_scan_fn's torch path (it handles reverse=True)
+        vim_module.selective_scan_fn = selective_scan_fn
     elif name == 'mamba':
         fn = mamba_scan(mamba_module)
 
         def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, discretization='zoh',
-                 **_):
-            return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+                 reverse=False):
+            if reverse:  # mamba's kernel scans forward only: the flips Vim does around it
+                u, delta, B, C = (x.flip(-1) for x in (u, delta, B, C))
+                z = z.flip(-1) if z is not None else None
+            # mamba's kernel needs a unit last stride on z (the mixer passes a view of in_proj's output)
+            out = fn(u, delta, A, B, C, D, z.contiguous() if z is not None else None, delta_bias, delta_softplus)
+            return out.flip(-1) if reverse else out
 
         vim_module.selective_scan_fn = scan
     else:

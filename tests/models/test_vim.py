@@ -204,3 +204,85 @@ def test_a_user_registered_rule_builds_from_config():
         assert torch.isfinite(out).all()
     finally:
         DISCRETIZERS.module_dict.pop('EulerForTest')
+
+
+def test_anticausal_conv_is_the_causal_conv_of_the_flipped_sequence():
+    """The backward direction's conv, read on the original sequence: the reversed kernel looking ahead."""
+    torch.manual_seed(0)
+    C, K, L = 6, 4, 11
+    conv = torch.nn.Conv1d(C, C, K, groups=C, padding=K - 1).double()
+    x = torch.randn(2, C, L, dtype=torch.float64)
+    flipped = conv(x.flip(-1))[..., :L].flip(-1)
+    anticausal = F.conv1d(x, conv.weight.flip(-1), conv.bias, padding=K - 1, groups=C)[..., K - 1:K - 1 + L]
+    torch.testing.assert_close(anticausal, flipped)
+    # y[t] = sum_k w[K-1-k] x[t+k] + b, zero past the end
+    xp = F.pad(x, (0, K - 1))
+    w = conv.weight[:, 0]
+    explicit = sum(w[None, :, K - 1 - k, None] * xp[..., k:k + L] for k in range(K)) + conv.bias[None, :, None]
+    torch.testing.assert_close(anticausal, explicit)
+
+
+def flip_reference_mixer(mixer, hidden):
+    """BiMambaMixer.forward as Vim computes it: the backward direction flips the sequence, runs the causal
+    conv1d_b and a forward scan on the flipped tensors, and flips the result back. Returns (out, bwd delta)."""
+    from kernels import selective_scan_fn
+
+    def direction(xz, conv, x_proj, dt_proj, A_log, D):
+        L = xz.shape[-1]
+        x, z = xz.chunk(2, dim=1)
+        x = F.silu(conv(x)[..., :L])
+        dt, B, C = torch.split(x_proj(x.transpose(1, 2)), [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
+        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)
+        y = selective_scan_fn(x, delta.contiguous(), -torch.exp(A_log.float()), B.transpose(1, 2).contiguous(),
+                              C.transpose(1, 2).contiguous(), D.float(), z=z, delta_bias=dt_proj.bias.float(),
+                              delta_softplus=True, discretization=mixer.discretizer, reverse=False)
+        return y, F.softplus(delta.float() + dt_proj.bias.float()[:, None])
+
+    xz = mixer.in_proj(hidden).transpose(1, 2)
+    out, _ = direction(xz, mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D)
+    out_b, delta_b = direction(xz.flip(-1), mixer.conv1d_b, mixer.x_proj_b, mixer.dt_proj_b, mixer.A_b_log,
+                               mixer.D_b)
+    return mixer.out_proj(((out + out_b.flip(-1)) / 2).transpose(1, 2)), delta_b.flip(-1)
+
+
+@pytest.mark.parametrize('rule', ['zoh', 'foh', 'highorder'])
+def test_reverse_scan_backward_direction_matches_the_flipped_one(rule, monkeypatch):
+    """The flip-free backward direction (anti-causal conv + reverse scan) equals Vim's flip -> scan -> flip,
+    outputs and every gradient; foh / highorder carry input history, where the scan direction matters."""
+    from projects.vim_disc.models import vim as vim_module
+    torch.manual_seed(0)
+    mixer = BiMambaMixer(16, dict(d_state=4), build_discretizer(rule)).double()
+    with torch.no_grad():  # a non-trivial conv kernel and bias, so a mis-ordered conv cannot pass
+        for conv in (mixer.conv1d, mixer.conv1d_b):
+            conv.weight.normal_()
+            conv.bias.normal_()
+    hidden = torch.randn(2, 13, 16, dtype=torch.float64)
+    params = dict(mixer.named_parameters())
+
+    def output_and_grads(fn):
+        x = hidden.clone().requires_grad_()
+        out = fn(x)
+        grads = torch.autograd.grad(out.square().sum(), [x, *params.values()])
+        return out.detach(), dict(zip(['hidden', *params], grads))
+
+    mixer.record_stats = True
+    out, grads = output_and_grads(mixer)
+    stats = mixer.ssm_stats
+    mixer.record_stats, mixer.ssm_stats = False, None
+    ref, ref_grads = output_and_grads(lambda x: flip_reference_mixer(mixer, x)[0])
+    torch.testing.assert_close(out, ref)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], msg=lambda m, n=name: f'grad of {n}: {m}')
+    # the statistics of the backward direction: its delta, in original order
+    with torch.no_grad():
+        ref_delta_b = flip_reference_mixer(mixer, hidden)[1]
+    assert set(stats) == {'fwd', 'bwd'}
+    torch.testing.assert_close(stats['bwd']['delta'], ref_delta_b)
+
+    # the test can fail: the same flip-free backward branch with reverse dropped is a different function
+    scan = vim_module.selective_scan_fn
+    monkeypatch.setattr(vim_module, 'selective_scan_fn', lambda *a, reverse=False, **k: scan(*a, **k))
+    with torch.no_grad():
+        wrong = mixer(hidden)
+    assert not torch.allclose(wrong, ref, rtol=1e-3, atol=1e-6)

@@ -66,6 +66,10 @@ class BiMambaMixer(nn.Module):
     Shared ``in_proj`` / ``out_proj``; per direction its own causal depthwise conv, ``x_proj``, ``dt_proj``, ``A`` and
     ``D``. The backward direction scans the flipped sequence; the two outputs are averaged before ``out_proj``
     (Vim's ``if_divide_out``). Both directions use the same discretization rule.
+
+    The backward direction is computed on the un-flipped sequence (no flip copies of (B, D, L) tensors): its
+    causal conv of the flipped sequence is an anti-causal conv with the kernel reversed, the projections are
+    per token, and the scan runs with ``reverse=True``; the result equals Vim's flip -> scan -> flip.
     """
 
     def __init__(self, d_model: int, ssm_cfg: dict, discretizer, layer_idx: int = 0):
@@ -113,15 +117,24 @@ class BiMambaMixer(nn.Module):
                     raise ValueError(f"dt_init must be 'constant' or 'random', got {cfg['dt_init']!r}")
             init_dt_bias(dt_proj.bias, cfg['dt_min'], cfg['dt_max'], cfg['dt_init_floor'])
 
-    def _scan(self, xz, conv1d, x_proj, dt_proj, A_log, D, direction: str):
+    def _scan(self, xz, conv1d, x_proj, dt_proj, A_log, D, direction: str, reverse: bool = False):
+        """One direction on the un-flipped sequence; ``reverse`` runs it from t = L-1 down to 0."""
         L = xz.shape[-1]
         x, z = xz.chunk(2, dim=1)
-        x = F.silu(conv1d(x)[..., :L])  # causal: keep the first L outputs of the padded conv
+        if reverse:
+            # the causal conv of the flipped sequence, read in original order, is anti-causal with the kernel
+            # reversed: y[t] = sum_k w[K-1-k] x[t+k] + b. Only the small (D, 1, K) weight is flipped, not x.
+            K = conv1d.kernel_size[0]
+            x = F.conv1d(x, conv1d.weight.flip(-1), conv1d.bias, padding=K - 1,
+                         groups=conv1d.groups)[..., K - 1:K - 1 + L]
+        else:
+            x = conv1d(x)[..., :L]  # causal: keep the first L outputs of the padded conv
+        x = F.silu(x)
         x_dbl = x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = (dt @ dt_proj.weight.t()).transpose(1, 2)  # bias goes to the scan as delta_bias
         A = -torch.exp(A_log.float())
-        if self.record_stats:
+        if self.record_stats:  # delta in original order for both directions; the statistics ignore order
             with torch.no_grad():
                 stats = self.ssm_stats if self.ssm_stats is not None else {}
                 stats[direction] = dict(delta=F.softplus(delta.float() + dt_proj.bias.float()[:, None]),
@@ -129,14 +142,16 @@ class BiMambaMixer(nn.Module):
                 self.ssm_stats = stats
         return selective_scan_fn(
             x, delta.contiguous(), A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D.float(),
-            z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True, discretization=self.discretizer)
+            z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True, discretization=self.discretizer,
+            reverse=reverse)
 
     def forward(self, hidden):
         """hidden: (B, L, d_model) -> (B, L, d_model)."""
         xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2 * d_inner, L)
         out = self._scan(xz, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, 'fwd')
-        out_b = self._scan(xz.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b,
-                           'bwd').flip(-1)
+        # backward direction: a reverse scan of the same xz, its output already in original order (no flips)
+        out_b = self._scan(xz, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, 'bwd',
+                           reverse=True)
         return self.out_proj(((out + out_b) / 2).transpose(1, 2))
 
 
