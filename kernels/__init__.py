@@ -7,7 +7,7 @@ from .discretization import (MAX_HISTORY, RULES, FOH, RK4, ZOH, Bilinear, Discre
                              get_discretizer, phi)
 from .naive import selective_scan_ref
 from .parallel import selective_scan_parallel
-from .selective_scan import ScanConfig, selective_scan_fn, selective_scan_triton
+from .scan import ScanConfig, selective_scan_fn, selective_scan_triton
 
 __all__ = [
     'Discretizer', 'ZOH', 'FOH', 'Bilinear', 'Poly', 'HighOrder', 'RK4', 'RULES', 'MAX_HISTORY', 'get_discretizer',

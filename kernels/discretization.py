@@ -371,12 +371,15 @@ class Discretizer:
     """One rule: Abar(z) and input weights w_j(z), once for torch and once as @triton.jit functions.
 
     A new rule subclasses this with `name`, `history`, `z_stable`, the torch methods `abar` and
-    `input_weights` (differentiable in z), and the two jit functions (see docs/discretization.md).
+    `input_weights` (differentiable in z), and the two jit functions (see docs/discretization.md); set
+    `abar_is_exp = True` only if Abar(z) = e^z (the fused backward then skips recovering h_{t-1}).
     """
     name: str = ''
     history: int = 0          # K: the input term uses v_t .. v_{t-K} (0..MAX_HISTORY)
     z_stable = None           # most negative z with |Abar| <= 1 (None: stable for all z <= 0)
     clamp_default: bool = False
+    # Abar = e^z, so dAbar/dz = Abar: the fused backward then needs no h_{t-1} (a cheaper scan)
+    abar_is_exp: bool = False
     # @triton.jit (z fp32 block) -> (abar, w0, w1, w2, w3); unused weights = 0.0 * z
     tl_coeffs = None
     # @triton.jit (z) -> (abar, w0..w3, dabar, dw0..dw3): d/dz in closed form
@@ -418,6 +421,7 @@ class ZOH(Discretizer):
     """Mamba's rule (selective_scan_ref): Abar = e^z, input delta * B u (w_0 = 1, not phi_1)."""
     name = 'zoh'
     history = 0
+    abar_is_exp = True
     tl_coeffs = _zoh_coeffs
     tl_coeffs_grad = _zoh_coeffs_grad
 
@@ -430,6 +434,7 @@ class ZOH(Discretizer):
 
 class ExponentialHold(Discretizer):
     """Exact integration of the degree-K polynomial through v_{t-K}..v_t: Abar = e^z, sum_j w_j = phi_1."""
+    abar_is_exp = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -2,20 +2,22 @@
 
 Providers per rule and shape, bf16 inputs, forward and forward+backward, medians of
 ``triton.testing.do_bench`` (quantiles 0.5 / 0.2 / 0.8):
-  triton    the fused kernels (kernels/selective_scan.py)
+  triton    the fused kernels (kernels/scan/: one launch forward, one backward)
   mamba     mamba-ssm's CUDA ``selective_scan`` (zoh only), JIT-built from its sdist for this GPU
   parallel  the log-depth PyTorch scan (kernels/parallel.py, the CPU training path) on the GPU
   ref       the sequential PyTorch reference (only at --ref-shapes: it launches kernels per step)
-plus achieved GB/s over the fewest bytes the op must move, and the peak memory a forward+backward adds
-beyond its inputs, upstream gradient and returned gradients' inputs (torch.cuda.max_memory_allocated).
+plus achieved GB/s over the fewest bytes the op must move, the peak memory a forward+backward adds
+beyond its inputs, upstream gradient and returned gradients' inputs (torch.cuda.max_memory_allocated), and
+the kernel launches of one forward and one backward (torch.profiler).
 
     python tools/benchmark_scan.py --out scan.json --mamba-src .whl_src/mamba_ssm-2.3.2.post1.tar.gz
-    python tools/benchmark_scan.py --sweep   # launch shapes for zoh / highorder, to pick the defaults
+    python tools/benchmark_scan.py --sweep --deadline 200   # v2 launch shapes, to pick the defaults
 """
 import argparse
 import json
 import math
 import os
+import re
 import sys
 import tarfile
 import time
@@ -61,7 +63,7 @@ def load_mamba_scan(src, build_dir, verbose=False):
         with tarfile.open(src) as tar:
             tar.extractall(build_dir, filter='data')
         src = os.path.join(build_dir, os.path.basename(src)[:-len('.tar.gz')])
-    csrc = os.path.join(src, 'csrc', 'selective_scan')
+    csrc = _real_only(os.path.join(src, 'csrc', 'selective_scan'))
     sources = [os.path.join(csrc, f) for f in sorted(os.listdir(csrc)) if f.endswith(('.cpp', '.cu'))]
     t0 = time.time()
     try:
@@ -73,6 +75,24 @@ def load_mamba_scan(src, build_dir, verbose=False):
         return None
     print(f'mamba-ssm CUDA scan ready in {time.time() - t0:.0f} s')
     return module
+
+
+def _real_only(csrc):
+    """Drop mamba's complex-weight backward (a third of the build; nothing here uses complex A): its three
+    *_complex.cu files, and the dispatch branch that would reference them."""
+    real = csrc + '_real'
+    if not os.path.isdir(real):
+        os.makedirs(real)
+        for f in os.listdir(csrc):
+            if f.endswith('_complex.cu'):
+                continue
+            text = open(os.path.join(csrc, f)).read()
+            if f == 'selective_scan.cpp':
+                text = re.sub(r'using weight_t = c10::complex<float>;\s*\\\s*__VA_ARGS__\(\);',
+                              'AT_ERROR("complex weights were left out of this build");', text)
+            with open(os.path.join(real, f), 'w') as out:
+                out.write(text)
+    return real
 
 
 class MambaCudaScanFn(torch.autograd.Function):
@@ -155,7 +175,32 @@ def peak_extra_mib(step, leaves):
     return peak / 2 ** 20
 
 
-def measure(scan, inputs, rule, shape, with_memory=True):
+def launches(scan, inputs, rule):
+    """Kernel launches of one forward and of one backward (torch.profiler, after a warm-up call)."""
+    from torch.profiler import ProfilerActivity, profile
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    kw = {'discretization': rule} if rule else {}
+    scan(*leaves, delta_softplus=True, **kw).backward(torch.ones_like(inputs[0]))
+    counts, names = [], []
+    out = None
+    dout = torch.ones_like(inputs[0])
+    for x in leaves:  # else AccumulateGrad's adds into existing .grad would be counted as the op's launches
+        x.grad = None
+    for phase in ('fwd', 'bwd'):
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            if phase == 'fwd':
+                out = scan(*leaves, delta_softplus=True, **kw)
+            else:
+                out.backward(dout)
+            torch.cuda.synchronize()
+        kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        counts.append(len(kernels))
+        names.append(kernels)
+    return counts, names
+
+
+def measure(scan, inputs, rule, shape, with_memory=True, fwd_only=False):
     """{fwd, fwd_bwd: (median, p20, p80) ms, mem_mib} for scan(u, delta, A, B, C, D, z, bias, softplus[, rule])."""
     leaves = [x.detach().clone().requires_grad_() for x in inputs]
     dout = torch.randn_like(inputs[0])
@@ -166,7 +211,9 @@ def measure(scan, inputs, rule, shape, with_memory=True):
     def fwd_bwd():
         fwd().backward(dout)
 
-    res = {'fwd': time_ms(fwd, leaves), 'fwd_bwd': time_ms(fwd_bwd, leaves)}
+    res = {'fwd': time_ms(fwd, leaves)}
+    if not fwd_only:
+        res['fwd_bwd'] = time_ms(fwd_bwd, leaves)
     if with_memory:
         res['mem_mib'] = peak_extra_mib(fwd_bwd, leaves)
     return res
@@ -179,7 +226,7 @@ def run_table(args, providers):
     from kernels.discretization import RULES
     from kernels.naive import selective_scan_ref
     from kernels.parallel import selective_scan_parallel
-    from kernels.selective_scan import selective_scan_triton
+    from kernels.scan import selective_scan_triton
     rules = args.rules or list(RULES)
     rows = []
     for shape_name in args.shapes:
@@ -198,66 +245,72 @@ def run_table(args, providers):
         for provider, scan, rule in candidates:
             try:
                 res = measure(scan, inputs, rule, shape_name)
+                (n_fwd, n_bwd), names = launches(scan, inputs, rule) if provider != 'ref' else ((None, None), None)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 print(f'{shape_name} {provider} {rule}: out of memory')
                 continue
             row = dict(shape=shape_name, batch=batch, dim=dim, L=L, N=N, provider=provider, rule=rule or 'zoh',
                        fwd_ms=res['fwd'], fwd_bwd_ms=res['fwd_bwd'], mem_mib=res['mem_mib'],
-                       fwd_gbs=bytes_f / res['fwd'][0] / 1e6, fwd_bwd_gbs=bytes_fb / res['fwd_bwd'][0] / 1e6)
+                       fwd_gbs=bytes_f / res['fwd'][0] / 1e6, fwd_bwd_gbs=bytes_fb / res['fwd_bwd'][0] / 1e6,
+                       launches_fwd=n_fwd, launches_bwd=n_bwd, launch_names=names)
             rows.append(row)
-            print(f"{shape_name:9s} {provider:8s} {row['rule']:9s} fwd {res['fwd'][0]:8.3f} ms "
-                  f"fwd+bwd {res['fwd_bwd'][0]:8.3f} ms  mem {res['mem_mib']:7.1f} MiB", flush=True)
+            print(f"{shape_name:9s} {provider:9s} {row['rule']:9s} fwd {res['fwd'][0]:8.3f} ms "
+                  f"fwd+bwd {res['fwd_bwd'][0]:8.3f} ms  mem {res['mem_mib']:7.1f} MiB  launches {n_fwd}/{n_bwd}",
+                  flush=True)
     return rows
 
 
 def print_table(rows):
-    print(f"\n{'shape':9s} {'provider':8s} {'rule':9s} {'fwd ms':>8s} {'fwd+bwd ms':>10s} {'GB/s f':>7s} "
-          f"{'GB/s fb':>7s} {'mem MiB':>8s} {'vs mamba':>8s} {'vs zoh':>7s}")
+    print(f"\n{'shape':9s} {'provider':9s} {'rule':9s} {'fwd ms':>8s} {'fwd+bwd ms':>10s} {'GB/s f':>7s} "
+          f"{'GB/s fb':>7s} {'mem MiB':>8s} {'launch':>6s} {'vs mamba':>8s} {'vs zoh':>7s}")
     for row in rows:
         base = [r for r in rows if r['shape'] == row['shape'] and r['provider'] == 'mamba']
         zoh = [r for r in rows if r['shape'] == row['shape'] and r['provider'] == row['provider']
                and r['rule'] == 'zoh']
         vs_mamba = base[0]['fwd_bwd_ms'][0] / row['fwd_bwd_ms'][0] if base else float('nan')
         vs_zoh = row['fwd_bwd_ms'][0] / zoh[0]['fwd_bwd_ms'][0] if zoh else float('nan')
-        print(f"{row['shape']:9s} {row['provider']:8s} {row['rule']:9s} {row['fwd_ms'][0]:8.3f} "
+        n = f"{row.get('launches_fwd')}/{row.get('launches_bwd')}"
+        print(f"{row['shape']:9s} {row['provider']:9s} {row['rule']:9s} {row['fwd_ms'][0]:8.3f} "
               f"{row['fwd_bwd_ms'][0]:10.3f} {row['fwd_gbs']:7.0f} {row['fwd_bwd_gbs']:7.0f} {row['mem_mib']:8.1f} "
-              f"{vs_mamba:7.2f}x {vs_zoh:6.2f}x")
+              f"{n:>6s} {vs_mamba:7.2f}x {vs_zoh:6.2f}x")
+
+
+# (tile_l, block_d, num_warps, states per trip) candidates: forward ones timed forward-only, backward ones
+# forward+backward (the forward then takes its defaults for that tile_l)
+SWEEP_FWD = [(512, 1, 2, 2), (512, 1, 2, 1), (256, 1, 1, 1), (256, 1, 1, 2), (1024, 1, 4, 2), (512, 2, 4, 2)]
+SWEEP_BWD = [(512, 1, 4, 1), (512, 1, 2, 1), (256, 1, 1, 1), (512, 1, 4, 2), (256, 1, 2, 1), (512, 2, 4, 1)]
 
 
 def run_sweep(args):
-    """Launch shapes by hand (the kernels write in place, so no autotuner): fwd / fwd+bwd per config."""
-    from kernels.selective_scan import ScanConfig, selective_scan_triton
-    configs = {
-        'default': ScanConfig(),
-        'states1': ScanConfig(states_per_trip=1),
-        'bwd states2': ScanConfig(states_per_trip_bwd=2),
-        'pps4': ScanConfig(programs_per_sm=4),
-        'pps16': ScanConfig(programs_per_sm=16),
-        'split8': ScanConfig(d_split=8),
-        'seg8': ScanConfig(seg_tiles=8),
-        'fwd d64': ScanConfig(block_d=64),
-    }
-    quick = {'default', 'pps4', 'seg8'}  # rules other than zoh
+    """Launch shapes by hand (the backward accumulates in place, so no autotuner), until --deadline."""
+    from kernels.scan import ScanConfig, selective_scan_triton
+    start = time.time()
     rows = []
     for shape_name in args.shapes:
         inputs = make_inputs(*SHAPES[shape_name])
         for rule in args.rules or ['zoh', 'highorder']:
-            for name, cfg in configs.items():
-                if rule != 'zoh' and name not in quick:
-                    continue
+            jobs = [('fwd', *c) for c in SWEEP_FWD] + [('bwd', *c) for c in SWEEP_BWD]
+            for phase, tile, bd, nw, st in jobs:
+                if args.deadline and time.time() - start > args.deadline:
+                    print('sweep: deadline reached')
+                    return rows
+                cfg = (ScanConfig(tile_l=tile, block_d=bd, num_warps=nw, states=st) if phase == 'fwd' else
+                       ScanConfig(tile_l=tile, block_d_bwd=bd, num_warps_bwd=nw, states_bwd=st))
 
                 def scan(*a, cfg=cfg, **k):
                     return selective_scan_triton(*a, config=cfg, **k)
                 try:
-                    res = measure(scan, inputs, rule, shape_name, with_memory=False)
+                    res = measure(scan, inputs, rule, shape_name, with_memory=False, fwd_only=phase == 'fwd')
                 except Exception as exc:  # a launch shape that does not compile is a data point too
-                    print(f'{shape_name} {rule} {name}: failed {exc!r}'[:300])
+                    print(f'{shape_name} {rule} {phase} {tile}/{bd}/{nw}/{st}: failed {exc!r}'[:300])
                     continue
-                rows.append(dict(shape=shape_name, rule=rule, config=name, fwd_ms=res['fwd'],
-                                 fwd_bwd_ms=res['fwd_bwd']))
-                print(f"sweep {shape_name:9s} {rule:9s} {name:20s} fwd {res['fwd'][0]:7.3f} "
-                      f"bwd {res['fwd_bwd'][0] - res['fwd'][0]:7.3f} fwd+bwd {res['fwd_bwd'][0]:7.3f} ms", flush=True)
+                total = res.get('fwd_bwd', res['fwd'])[0]
+                rows.append(dict(shape=shape_name, rule=rule, phase=phase, tile_l=tile, block_d=bd, num_warps=nw,
+                                 states=st, fwd_ms=res['fwd'], fwd_bwd_ms=res.get('fwd_bwd')))
+                print(f"sweep {shape_name:9s} {rule:9s} {phase} tile {tile:4d} block_d {bd} warps {nw:2d} states {st}: "
+                      f"fwd {res['fwd'][0]:7.3f} {'fwd+bwd' if phase == 'bwd' else ''} "
+                      f"{total if phase == 'bwd' else '':}", flush=True)
     return rows
 
 
@@ -271,11 +324,13 @@ def main():
     parser.add_argument('--mamba-build-dir', default='/tmp/mamba_scan_build')
     parser.add_argument('--build-only', action='store_true', help='build mamba-ssm\'s scan and exit')
     parser.add_argument('--sweep', action='store_true')
+    parser.add_argument('--deadline', type=float, default=0, help='seconds after which the sweep stops')
+    parser.add_argument('--no-mamba', action='store_true', help='skip mamba-ssm even if built')
     parser.add_argument('--out', default=None, help='JSON file for every number printed')
     args = parser.parse_args()
 
     providers = {}
-    module = load_mamba_scan(args.mamba_src, args.mamba_build_dir)
+    module = None if args.no_mamba else load_mamba_scan(args.mamba_src, args.mamba_build_dir)
     if args.build_only:
         sys.exit(0 if module is not None else 1)
     if module is not None:
