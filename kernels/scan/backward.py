@@ -21,8 +21,8 @@ tile (``tl.gather``; what crosses into the next tile is carried), dB's is added 
 import triton
 import triton.language as tl
 
-from .common import (affine_combine, affine_lag_combine, column, input_sum, lag, lagged_rows, load_delta,
-                     trip_operands)
+from .common import (affine_combine, affine_lag_combine, channel_block, clamp_z, column, input_sum, lag,
+                     lagged_rows, load_delta, trip_operands)
 
 
 @triton.jit
@@ -86,10 +86,7 @@ def _state_tile_grad(
     sel = (offs_n == n)[None, :]
     n_ok = n < dstate
     z_raw = delta * a
-    zt = z_raw
-    if HAS_CLAMP:
-        zt = tl.maximum(z_raw, z_clamp)
-    abar, w0, w1, w2, w3, dabar, dw0, dw1, dw2, dw3 = COEFFS_GRAD(zt)
+    abar, w0, w1, w2, w3, dabar, dw0, dw1, dw2, dw3 = COEFFS_GRAD(clamp_z(z_raw, z_clamp, HAS_CLAMP))
     xw = input_sum(w0, w1, w2, w3, b0, b1, b2, b3, u0, u1, u2, u3, HISTORY)
     abar = tl.where(valid, abar, 1.0)
     x = tl.where(valid, delta * xw, 0.0)
@@ -111,10 +108,7 @@ def _state_tile_grad(
     else:
         dCc += tl.where(sel, tl.sum(tl.where(valid, dC_t, 0.0), axis=1)[:, None], 0.0)
     # adjoint: dh_t = c_t dy_t + Abar_{t+1} dh_{t+1}, Abar_{t+1} from the next step's delta (1 past the end)
-    z_next = delta_next * a
-    if HAS_CLAMP:
-        z_next = tl.maximum(z_next, z_clamp)
-    abar_next, _, _, _, _ = COEFFS(z_next)
+    abar_next, _, _, _, _ = COEFFS(clamp_z(delta_next * a, z_clamp, HAS_CLAMP))
     m_next = lag(m, -1, REVERSE)
     abar_next = tl.where(((m_next >= 0) & (m_next < L))[None, :], abar_next, 1.0)
     cdy = c * dy
@@ -175,29 +169,15 @@ def scan_bwd_kernel(
     while i < n_blocks:  # one block per program in atomic mode
         dblock = pid_p * blocks_per_prog + i
         i += 1
-        offs_d = dblock * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_d, d_ok, g_idx, u_row, delta_row, B_rows, C_rows, bias, Dv = channel_block(
+            pid_b, dblock, dim, group_size, u_ptr, s_ub, s_ud, delta_ptr, s_db, s_dd, B_ptr, s_B0, s_B1, C_ptr, s_C0,
+            s_C1, bias_ptr, D_ptr, VAR_B, VAR_C, HAS_BIAS, HAS_D, BLOCK_D)
         offs_n = tl.arange(0, BLOCK_N)
         lt = tl.arange(0, TILE_L)
-        d_ok = offs_d < dim
         dn_ok = d_ok[:, None] & (offs_n < dstate)[None, :]
-        g_idx = (dblock * BLOCK_D) // group_size
-        u_row = u_ptr + pid_b * s_ub + offs_d[:, None] * s_ud
-        delta_row = delta_ptr + pid_b * s_db + offs_d[:, None] * s_dd
         # time-varying dB/dC accumulators: (parts, batch, G, N, L) fp32
         dB_row = dB_ptr + ((part * batch + pid_b) * n_groups + g_idx) * dstate * L
         dC_row = dC_ptr + ((part * batch + pid_b) * n_groups + g_idx) * dstate * L
-        B_rows = B_ptr  # the block's rows of B and C (the kernel arguments stay untouched across blocks)
-        C_rows = C_ptr
-        if VAR_B:
-            B_rows += pid_b * s_B0 + g_idx * s_B1
-        if VAR_C:
-            C_rows += pid_b * s_C0 + g_idx * s_C1
-        bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-        Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
-        if HAS_D:
-            Dv = tl.load(D_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
         state_row = state_ptr + pid_b * n_tiles * dim * dstate + offs_d * dstate
         g_all = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)  # dh after the tile (scan order), per state
         if HAS_DLAST:
@@ -259,7 +239,8 @@ def scan_bwd_kernel(
                 if STATES == 2:
                     g_all = tl.where(sel2, g2_out[:, None], g_all)
                 n += STATES
-            # per-channel outputs of the tile
+            # per-channel outputs of the tile (the gate is read again rather than held live in registers across
+            # the state loop; the second read hits cache)
             if HAS_Z:
                 zg = tl.load(z_ptr + pid_b * s_zb + offs_d[:, None] * s_zd + m[None, :], mask=td_ok,
                              other=0.0).to(tl.float32)

@@ -118,6 +118,38 @@ def input_sum(w0, w1, w2, w3, b0, b1, b2, b3, u0, u1, u2, u3, HISTORY: tl.conste
 
 
 @triton.jit
+def channel_block(pid_b, dblock, dim, group_size, u_ptr, s_ub, s_ud, delta_ptr, s_db, s_dd, B_ptr, s_B0, s_B1,
+                  C_ptr, s_C0, s_C1, bias_ptr, D_ptr, VAR_B: tl.constexpr, VAR_C: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Channel block `dblock` of batch row pid_b: its channels and their mask, [BLOCK_D, 1] row pointers into
+    u and delta, the rows of its group of B/C (a block never straddles two groups: the launcher's choice),
+    delta_bias and D (zero when absent)."""
+    offs_d = dblock * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = offs_d < dim
+    g_idx = (dblock * BLOCK_D) // group_size
+    if VAR_B:
+        B_ptr += pid_b * s_B0 + g_idx * s_B1
+    if VAR_C:
+        C_ptr += pid_b * s_C0 + g_idx * s_C1
+    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    Dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    return (offs_d, d_ok, g_idx, u_ptr + pid_b * s_ub + offs_d[:, None] * s_ud,
+            delta_ptr + pid_b * s_db + offs_d[:, None] * s_dd, B_ptr, C_ptr, bias, Dv)
+
+
+@triton.jit
+def clamp_z(z, z_clamp, HAS_CLAMP: tl.constexpr):
+    """The rule's clamp z' = max(z, z_clamp), when it has one."""
+    if HAS_CLAMP:
+        z = tl.maximum(z, z_clamp)
+    return z
+
+
+@triton.jit
 def state_rows(n, offs_d, d_ok, m, L, A_ptr, s_Ad, s_An, B_ptr, s_B0, s_Bn, C_ptr, s_C0, s_Cn, dstate,
                 HISTORY: tl.constexpr, VAR_B: tl.constexpr, VAR_C: tl.constexpr, REVERSE: tl.constexpr):
     """What state n reads in a tile: a = A[:, n] ([BLOCK_D, 1]), B_{t-j}[n] and C_t[n] (zero past dstate).

@@ -14,7 +14,8 @@ gradients the kernel also zeroes the backward's fp32 accumulators (so the backwa
 import triton
 import triton.language as tl
 
-from .common import affine_combine, column, input_sum, lagged_rows, load_delta, trip_operands
+from .common import (affine_combine, channel_block, clamp_z, column, input_sum, lagged_rows, load_delta,
+                     trip_operands)
 
 ZERO_BLOCK = tl.constexpr(1024)
 
@@ -35,10 +36,7 @@ def _zero_slice(ws_ptr, ws_numel, pid, n_programs):
 def _state_tile(h_in, a, b0, b1, b2, b3, delta, u0, u1, u2, u3, valid, first, lt, z_clamp, COEFFS: tl.constexpr,
                 HISTORY: tl.constexpr, HAS_CLAMP: tl.constexpr, REVERSE: tl.constexpr, TILE_L: tl.constexpr):
     """h_t of one state over one tile from its carried state h_in; returns (h block, h at the tile's end)."""
-    zt = delta * a
-    if HAS_CLAMP:
-        zt = tl.maximum(zt, z_clamp)
-    abar, w0, w1, w2, w3 = COEFFS(zt)
+    abar, w0, w1, w2, w3 = COEFFS(clamp_z(delta * a, z_clamp, HAS_CLAMP))
     xw = input_sum(w0, w1, w2, w3, b0, b1, b2, b3, u0, u1, u2, u3, HISTORY)
     # steps past L are identity maps, so the carry passes through them unchanged
     abar = tl.where(valid, abar, 1.0)
@@ -65,23 +63,12 @@ def scan_fwd_kernel(
     pid_b = tl.program_id(1)
     if ZERO_WS:
         _zero_slice(ws_ptr, ws_numel, pid_b * tl.num_programs(0) + pid_d, tl.num_programs(0) * tl.num_programs(1))
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_d, d_ok, g_idx, u_row, delta_row, B_rows, C_rows, bias, Dv = channel_block(
+        pid_b, pid_d, dim, group_size, u_ptr, s_ub, s_ud, delta_ptr, s_db, s_dd, B_ptr, s_B0, s_B1, C_ptr, s_C0, s_C1,
+        bias_ptr, D_ptr, VAR_B, VAR_C, HAS_BIAS, HAS_D, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     lt = tl.arange(0, TILE_L)
-    d_ok = offs_d < dim
     dn_ok = d_ok[:, None] & (offs_n < dstate)[None, :]
-    g_idx = (pid_d * BLOCK_D) // group_size  # a block never straddles two groups (the launcher's choice)
-    u_row = u_ptr + pid_b * s_ub + offs_d[:, None] * s_ud
-    delta_row = delta_ptr + pid_b * s_db + offs_d[:, None] * s_dd
-    if VAR_B:
-        B_ptr += pid_b * s_B0 + g_idx * s_B1
-    if VAR_C:
-        C_ptr += pid_b * s_C0 + g_idx * s_C1
-    bias = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
     state_row = state_ptr + pid_b * n_tiles * dim * dstate + offs_d[:, None] * dstate + offs_n[None, :]
     first = (lt == (TILE_L - 1 if REVERSE else 0))[None, :]  # where the carried state enters a tile
 
@@ -102,8 +89,8 @@ def scan_fwd_kernel(
         n = 0
         while n < dstate:
             sel, h_in, a, b0, b1, b2, b3, c, sel2, h2_in, a2, b20, b21, b22, b23, c2 = trip_operands(
-                n, h_all, offs_n, offs_d, d_ok, m, L, A_ptr, s_Ad, s_An, B_ptr, s_B0, s_Bn, C_ptr, s_C0, s_Cn, dstate,
-                HISTORY, VAR_B, VAR_C, REVERSE, STATES)
+                n, h_all, offs_n, offs_d, d_ok, m, L, A_ptr, s_Ad, s_An, B_rows, s_B0, s_Bn, C_rows, s_C0, s_Cn,
+                dstate, HISTORY, VAR_B, VAR_C, REVERSE, STATES)
             h, h_end = _state_tile(h_in, a, b0, b1, b2, b3, delta, u0, u1, u2, u3, valid, first, lt,
                                    z_clamp, COEFFS, HISTORY, HAS_CLAMP, REVERSE, TILE_L)
             y += c * h
