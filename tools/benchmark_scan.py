@@ -11,7 +11,7 @@ beyond its inputs, upstream gradient and returned gradients' inputs (torch.cuda.
 the kernel launches of one forward and one backward (torch.profiler).
 
     python tools/benchmark_scan.py --out scan.json --mamba-src .whl_src/mamba_ssm-2.3.2.post1.tar.gz
-    python tools/benchmark_scan.py --sweep --deadline 200   # v2 launch shapes, to pick the defaults
+    python tools/benchmark_scan.py --sweep --deadline 200   # launch shapes, to pick the defaults
 """
 import argparse
 import json

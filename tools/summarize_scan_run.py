@@ -5,6 +5,8 @@ import re
 import sys
 from collections import defaultdict
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def load(path):
     return json.load(open(path)) if os.path.exists(path) else None
@@ -47,17 +49,8 @@ def bench(out):
     if not res:
         return
     print('card:', res.get('card'))
-    rows = res['rows']
-    print(f"{'shape':9s} {'provider':9s} {'rule':9s} {'fwd ms':>7s} {'f+b ms':>7s} {'MiB':>6s} {'launch':>6s} "
-          f"{'xmamba':>6s} {'/zoh':>5s}")
-    for row in rows:
-        base = [r for r in rows if r['shape'] == row['shape'] and r['provider'] == 'mamba']
-        zoh = [r for r in rows if r['shape'] == row['shape'] and r['provider'] == row['provider'] and r['rule'] == 'zoh']
-        vs = base[0]['fwd_bwd_ms'][0] / row['fwd_bwd_ms'][0] if base else float('nan')
-        rel = row['fwd_bwd_ms'][0] / zoh[0]['fwd_bwd_ms'][0] if zoh else float('nan')
-        n = f"{row.get('launches_fwd')}/{row.get('launches_bwd')}"
-        print(f"{row['shape']:9s} {row['provider']:9s} {row['rule']:9s} {row['fwd_ms'][0]:7.3f} "
-              f"{row['fwd_bwd_ms'][0]:7.3f} {row['mem_mib']:6.1f} {n:>6s} {vs:6.2f} {rel:5.2f}")
+    from tools.benchmark_scan import print_table
+    print_table(res['rows'])
 
 
 def sweep(out):
