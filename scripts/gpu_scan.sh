@@ -34,7 +34,7 @@ cat "$OUT/card.txt"
 MAMBA=${MAMBA:-1}
 NO_MAMBA=()
 if [ "$MAMBA" = 1 ]; then
-  MAX_JOBS=6 $PY tools/benchmark_scan.py --mamba-src "$MAMBA_SCAN_SRC" --mamba-build-dir "$MAMBA_SCAN_BUILD_DIR" \
+  MAX_JOBS=6 $PY benchmarks/benchmark_scan.py --mamba-src "$MAMBA_SCAN_SRC" --mamba-build-dir "$MAMBA_SCAN_BUILD_DIR" \
     --build-only > "$OUT/mamba_build.txt" 2>&1 &
   BUILD=$!
 else
@@ -46,7 +46,7 @@ if [ "$MAMBA" = 1 ]; then
   tail -n 3 "$OUT/mamba_build.txt" | tee -a "$LOG"
 fi
 if [ "${BENCH:-1}" = 1 ]; then
-  run bench 200 $PY tools/benchmark_scan.py --mamba-src "$MAMBA_SCAN_SRC" --mamba-build-dir "$MAMBA_SCAN_BUILD_DIR" \
+  run bench 200 $PY benchmarks/benchmark_scan.py --mamba-src "$MAMBA_SCAN_SRC" --mamba-build-dir "$MAMBA_SCAN_BUILD_DIR" \
     "${NO_MAMBA[@]}" --shapes ${BENCH_SHAPES:-det-b2 det-b8 cls-b128} --ref-shapes --out "$OUT/scan.json"
 fi
 if [ "${GRID:-1}" = 1 ] && [ "$MAMBA" = 1 ]; then
@@ -59,7 +59,7 @@ json.dump(rows, open(sys.argv[1], 'w'))
 PY
 fi
 if [ "${SWEEP:-1}" = 1 ] && [ "$(left)" -gt 40 ]; then
-  run sweep "$(left)" $PY tools/benchmark_scan.py --sweep --deadline $(( $(left) - 30 )) \
+  run sweep "$(left)" $PY benchmarks/benchmark_scan.py --sweep --deadline $(( $(left) - 30 )) \
     --shapes ${SWEEP_SHAPES:-det-b2 cls-b128} --rules ${SWEEP_RULES:-zoh highorder} --out "$OUT/sweep.json"
 fi
 $PY tools/summarize_scan_run.py "$OUT"

@@ -36,14 +36,14 @@ def _bin(name):
 
 
 def compile_kernel(backward, rule, block_d, block_n, tile_l, num_warps, states, dtype='bf16', reverse=False,
-                   variable_bc=True, deterministic=False, dlast=False):
+                   variable_bc=True, deterministic=False, dlast=False, bidir=False):
     """The compiled kernel (triton.compile) for sm_90a, with every pointer and stride aligned as the JIT
     specialises them at the detection shapes."""
     rule = get_discretizer(rule) if isinstance(rule, str) else rule
     kernel = scan_bwd_kernel if backward else scan_fwd_kernel
     consts = dict(COEFFS=rule.tl_coeffs, HISTORY=rule.history, HAS_CLAMP=rule.z_clamp is not None, HAS_D=True,
                   HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, VAR_B=variable_bc, VAR_C=variable_bc, REVERSE=reverse,
-                  BLOCK_D=block_d, BLOCK_N=block_n, TILE_L=tile_l, STATES=states)
+                  BIDIR=bidir, BLOCK_D=block_d, BLOCK_N=block_n, TILE_L=tile_l, STATES=states)
     if backward:
         consts.update(COEFFS_GRAD=rule.tl_coeffs_grad, EXP_ABAR=rule.abar_is_exp, ADJOINT_REVERSE=not reverse,
                       HAS_DLAST=dlast, DETERMINISTIC=deterministic)
@@ -99,6 +99,7 @@ def main():
     parser.add_argument('--num-warps', type=int, default=0)
     parser.add_argument('--states', type=int, default=0)
     parser.add_argument('--sass', action='store_true', help='also print the SASS opcode mix')
+    parser.add_argument('--bidir', action='store_true', help='both directions in one launch (the Vim mixer\'s)')
     args = parser.parse_args()
     from kernels.scan.interface import ScanConfig, _launch, _tile_l
     cfg = ScanConfig(tile_l=args.tile_l)
@@ -106,7 +107,8 @@ def main():
     for rule in args.rules:
         for backward in (False, True):
             ln = _launch(args.block_d, tile, args.num_warps, args.states, 384, 384, args.N, backward)
-            compiled = compile_kernel(backward, rule, ln.block_d, ln.block_n, ln.tile_l, ln.num_warps, ln.states)
+            compiled = compile_kernel(backward, rule, ln.block_d, ln.block_n, ln.tile_l, ln.num_warps, ln.states,
+                                      bidir=args.bidir)
             regs, spill_st, spill_ld = resources(compiled)
             print(f"{'bwd' if backward else 'fwd'} {rule:9s} block_d {ln.block_d} tile {ln.tile_l} warps "
                   f"{ln.num_warps} states {ln.states}: {regs} registers, spills {spill_st}/{spill_ld} bytes",

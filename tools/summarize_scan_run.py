@@ -5,7 +5,8 @@ import re
 import sys
 from collections import defaultdict
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# benchmarks/benchmark_scan.py owns the table (its scripts import each other as top-level modules)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks'))
 
 
 def load(path):
@@ -49,7 +50,7 @@ def bench(out):
     if not res:
         return
     print('card:', res.get('card'))
-    from tools.benchmark_scan import print_table
+    from benchmark_scan import print_table
     print_table(res['rows'])
 
 

@@ -51,18 +51,53 @@ def scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,
     out_ptr, state_ptr,       # out (batch, dim, L); state (batch, n_tiles, dim, N) fp32: h after each tile
     ws_ptr, ws_numel,         # ZERO_WS: the backward's fp32 accumulators, zeroed here
-    dim, L, dstate, group_size, n_tiles, z_clamp,
+    dim, L, dstate, group_size, n_tiles, z_clamp, rev_from,
     s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_ob, s_od, s_Ad, s_An,
     s_B0, s_B1, s_Bn, s_C0, s_C1, s_Cn,   # variable: (batch, group, N) strides; constant: (dim, -, N)
     COEFFS: tl.constexpr, HISTORY: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, VAR_B: tl.constexpr,
-    VAR_C: tl.constexpr, REVERSE: tl.constexpr, STORE_STATE: tl.constexpr, ZERO_WS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, TILE_L: tl.constexpr, STATES: tl.constexpr,
+    VAR_C: tl.constexpr, REVERSE: tl.constexpr, BIDIR: tl.constexpr, STORE_STATE: tl.constexpr,
+    ZERO_WS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, TILE_L: tl.constexpr,
+    STATES: tl.constexpr,
 ):
+    """Grid (channel blocks, batch). BIDIR: channels from `rev_from` on scan in reverse (a second direction
+    in the same launch; blocks never straddle it) and read the gate at channel - rev_from."""
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1)
     if ZERO_WS:
         _zero_slice(ws_ptr, ws_numel, pid_b * tl.num_programs(0) + pid_d, tl.num_programs(0) * tl.num_programs(1))
+    if BIDIR:
+        if pid_d * BLOCK_D >= rev_from:
+            _scan_fwd_rows(
+                pid_d, pid_b, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, state_ptr,
+                dim, L, dstate, group_size, n_tiles, z_clamp, rev_from, s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_ob,
+                s_od, s_Ad, s_An, s_B0, s_B1, s_Bn, s_C0, s_C1, s_Cn, COEFFS, HISTORY, HAS_CLAMP, HAS_D, HAS_Z,
+                HAS_BIAS, SOFTPLUS, VAR_B, VAR_C, True, STORE_STATE, BLOCK_D, BLOCK_N, TILE_L, STATES)
+        else:
+            _scan_fwd_rows(
+                pid_d, pid_b, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, state_ptr,
+                dim, L, dstate, group_size, n_tiles, z_clamp, 0, s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_ob,
+                s_od, s_Ad, s_An, s_B0, s_B1, s_Bn, s_C0, s_C1, s_Cn, COEFFS, HISTORY, HAS_CLAMP, HAS_D, HAS_Z,
+                HAS_BIAS, SOFTPLUS, VAR_B, VAR_C, False, STORE_STATE, BLOCK_D, BLOCK_N, TILE_L, STATES)
+    else:
+        _scan_fwd_rows(
+            pid_d, pid_b, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, state_ptr,
+            dim, L, dstate, group_size, n_tiles, z_clamp, 0, s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_ob,
+            s_od, s_Ad, s_An, s_B0, s_B1, s_Bn, s_C0, s_C1, s_Cn, COEFFS, HISTORY, HAS_CLAMP, HAS_D, HAS_Z,
+            HAS_BIAS, SOFTPLUS, VAR_B, VAR_C, REVERSE, STORE_STATE, BLOCK_D, BLOCK_N, TILE_L, STATES)
+
+
+@triton.jit
+def _scan_fwd_rows(
+    pid_d, pid_b, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, state_ptr,
+    dim, L, dstate, group_size, n_tiles, z_clamp, z_shift,
+    s_ub, s_ud, s_db, s_dd, s_zb, s_zd, s_ob, s_od, s_Ad, s_An, s_B0, s_B1, s_Bn, s_C0, s_C1, s_Cn,
+    COEFFS: tl.constexpr, HISTORY: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, VAR_B: tl.constexpr,
+    VAR_C: tl.constexpr, REVERSE: tl.constexpr, STORE_STATE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, TILE_L: tl.constexpr, STATES: tl.constexpr,
+):
+    """Channel block pid_d of batch row pid_b, in one direction; its gate rows are z's channels - z_shift."""
     offs_d, d_ok, g_idx, u_row, delta_row, B_rows, C_rows, bias, Dv = channel_block(
         pid_b, pid_d, dim, group_size, u_ptr, s_ub, s_ud, delta_ptr, s_db, s_dd, B_ptr, s_B0, s_B1, C_ptr, s_C0, s_C1,
         bias_ptr, D_ptr, VAR_B, VAR_C, HAS_BIAS, HAS_D, BLOCK_D)
@@ -106,7 +141,7 @@ def scan_fwd_kernel(
         if HAS_D:
             y += Dv[:, None] * u0
         if HAS_Z:
-            zg = tl.load(z_ptr + pid_b * s_zb + offs_d[:, None] * s_zd + m[None, :], mask=td_ok,
+            zg = tl.load(z_ptr + pid_b * s_zb + (offs_d - z_shift)[:, None] * s_zd + m[None, :], mask=td_ok,
                          other=0.0).to(tl.float32)
             y = y * (zg * tl.sigmoid(zg))
         tl.store(out_ptr + pid_b * s_ob + offs_d[:, None] * s_od + m[None, :], y, mask=td_ok)

@@ -127,7 +127,8 @@ def _accumulators(u, A, B, C, D, delta_bias, rows, parts):
     return ws, views
 
 
-def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, rule, reverse, cfg, store_state, ws):
+def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, rule, reverse, cfg, store_state, ws, rev_from):
+    """rev_from: None, or the first channel of a second, reverse direction sharing z (see bidirectional)."""
     batch, dim, L = u.shape
     N = A.shape[1]
     group_size = dim // _groups(B, C)
@@ -141,19 +142,21 @@ def _scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, rule, reverse, cfg,
     scan_fwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else u, z_, delta_bias if delta_bias is not None else u,
         out, state, ws if ws is not None else state, ws.numel() if ws is not None else 0,
-        dim, L, N, group_size, n_tiles, z_clamp,
+        dim, L, N, group_size, n_tiles, z_clamp, rev_from or dim,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), z_.stride(0), z_.stride(1),
         out.stride(0), out.stride(1), A.stride(0), A.stride(1), *_state_strides(B), *_state_strides(C),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
-        VAR_B=B.dim() == 4, VAR_C=C.dim() == 4, REVERSE=bool(reverse), STORE_STATE=store_state,
+        VAR_B=B.dim() == 4, VAR_C=C.dim() == 4, REVERSE=bool(reverse), BIDIR=rev_from is not None,
+        STORE_STATE=store_state,
         ZERO_WS=ws is not None, BLOCK_D=ln.block_d, BLOCK_N=ln.block_n, TILE_L=ln.tile_l, STATES=ln.states,
         num_warps=ln.num_warps, **flags)
     return out, state
 
 
 def _scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, softplus, rule, reverse, cfg, state, acc,
-              deterministic):
-    """acc: (ws, views) zeroed in atomic mode, or None in deterministic mode (partials made here)."""
+              deterministic, rev_from):
+    """acc: (ws, views) zeroed in atomic mode, or None in deterministic mode (partials made here). With a
+    second direction (rev_from) both directions' dz land in one (batch, dim, L) buffer, summed here."""
     batch, dim, L = u.shape
     N = A.shape[1]
     n_groups = _groups(B, C)
@@ -174,26 +177,29 @@ def _scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, softplus, rule, 
         ws, acc = acc
     du = torch.empty(u.shape, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(delta.shape, device=u.device, dtype=delta.dtype)
-    dz = torch.empty(z.shape, device=u.device, dtype=z.dtype) if z is not None else None
+    dz = torch.empty(u.shape if rev_from else z.shape, device=u.device, dtype=z.dtype) if z is not None else None
     dz_, z_ = (dz, z) if z is not None else (du, u)
     dlast_ = dlast if dlast is not None else state
     flags, z_clamp = _rule_flags(rule)
     scan_bwd_kernel[(d_split, batch)](
         u, delta, A, B, C, D if D is not None else u, z_, delta_bias if delta_bias is not None else u, dout,
         state, dlast_, du, ddelta, dz_, acc['dB'], acc['dC'], acc['dA'], acc['dD'], acc['dbias'],
-        dim, L, N, group_size, n_groups, n_tiles, n_dblocks, blocks_per_prog, batch, z_clamp,
+        dim, L, N, group_size, n_groups, n_tiles, n_dblocks, blocks_per_prog, batch, z_clamp, rev_from or dim,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), z_.stride(0), z_.stride(1),
         dout.stride(0), dout.stride(1), A.stride(0), A.stride(1), *_state_strides(B), *_state_strides(C),
         dlast_.stride(0), dlast_.stride(1), dlast_.stride(2), du.stride(0), du.stride(1),
         ddelta.stride(0), ddelta.stride(1), dz_.stride(0), dz_.stride(1),
         COEFFS_GRAD=rule.tl_coeffs_grad, EXP_ABAR=bool(rule.abar_is_exp), HAS_D=D is not None,
         HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), VAR_B=B.dim() == 4,
-        VAR_C=C.dim() == 4, REVERSE=bool(reverse), ADJOINT_REVERSE=not reverse, HAS_DLAST=dlast is not None,
+        VAR_C=C.dim() == 4, REVERSE=bool(reverse), ADJOINT_REVERSE=not reverse, BIDIR=rev_from is not None,
+        HAS_DLAST=dlast is not None,
         DETERMINISTIC=bool(deterministic), BLOCK_D=ln.block_d, BLOCK_N=ln.block_n, TILE_L=ln.tile_l,
         STATES=ln.states, num_warps=ln.num_warps, **flags)
     # deterministic: sum the partials in torch; atomic mode: one row each, a view (no launch)
     dB, dC, dA, dD, dbias = ((x.sum(0) if deterministic else x[0]) for x in
                              (acc['dB'], acc['dC'], acc['dA'], acc['dD'], acc['dbias']))
+    if rev_from and dz is not None:
+        dz = dz[:, :rev_from] + dz[:, rev_from:]
     return du, ddelta, dA, dB, dC, dD if D is not None else None, dz, dbias if delta_bias is not None else None
 
 
@@ -219,7 +225,7 @@ class SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, rule, reverse,
-                deterministic, cfg, need_grad):
+                deterministic, cfg, need_grad, rev_from=None):
         u, delta, z = _last_contiguous(u), _last_contiguous(delta), _last_contiguous(z)
         squeeze_B, squeeze_C = B.dim() == 3, C.dim() == 3
         B = _last_contiguous(B.unsqueeze(1) if squeeze_B else B)
@@ -229,10 +235,10 @@ class SelectiveScanFn(torch.autograd.Function):
         # atomic mode: the forward zeroes the backward's accumulators (no memset launch in the backward)
         acc = _accumulators(u, A, B, C, D, delta_bias, 1, 1) if need_grad and not deterministic else None
         out, state = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, rule, reverse, cfg,
-                               need_grad or return_last_state, acc[0] if acc else None)
+                               need_grad or return_last_state, acc[0] if acc else None, rev_from)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, state)
         ctx.acc, ctx.acc_fresh = acc, True
-        ctx.meta = (delta_softplus, rule, reverse, deterministic, cfg, squeeze_B, squeeze_C)
+        ctx.meta = (delta_softplus, rule, reverse, deterministic, cfg, squeeze_B, squeeze_C, rev_from)
         if not return_last_state:
             return out
         return out, state[:, -1]
@@ -240,21 +246,21 @@ class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlast=None):
         u, delta, A, B, C, D, z, delta_bias, state = ctx.saved_tensors
-        delta_softplus, rule, reverse, deterministic, cfg, squeeze_B, squeeze_C = ctx.meta
+        delta_softplus, rule, reverse, deterministic, cfg, squeeze_B, squeeze_C, rev_from = ctx.meta
         acc = ctx.acc
         if acc is not None and not ctx.acc_fresh:
             acc[0].zero_()  # a second backward through the same graph (retain_graph=True)
         ctx.acc_fresh = False
         du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd(
             _last_contiguous(dout), dlast, u, delta, A, B, C, D, z, delta_bias, delta_softplus, rule, reverse, cfg,
-            state, acc, deterministic)
+            state, acc, deterministic, rev_from)
         dB, dC = _cast_pair(dB, dC, B.dtype, C.dtype)
         dB = dB.squeeze(1) if squeeze_B else dB
         dC = dC.squeeze(1) if squeeze_C else dC
         dA = dA.to(A.dtype)
         dD = dD.to(D.dtype) if dD is not None else None
         dbias = dbias.to(delta_bias.dtype) if dbias is not None else None
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None, None, None, None, None
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -365,3 +371,68 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     else:
         from ..parallel import selective_scan_parallel as fn
     return _torch_scan(fn, *args, reverse=reverse)
+
+
+def _check_bidirectional(u, delta, A, B, C, D, z, delta_bias):
+    if u.dim() != 4 or u.shape[1] != 2:
+        raise ValueError(f'u must be (batch, 2, dim, L): the two directions, got shape {tuple(u.shape)}')
+    batch, _, dim, L = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f'delta must have u\'s shape {tuple(u.shape)}, got {tuple(delta.shape)}')
+    if A.dim() != 3 or A.shape[:2] != (2, dim):
+        raise ValueError(f'A must be (2, dim={dim}, N), got shape {tuple(A.shape)}')
+    for name, X in (('B', B), ('C', C)):
+        if X.dim() != 4 or X.shape != (batch, 2, A.shape[2], L):
+            raise ValueError(f'{name} must be (batch={batch}, 2, N={A.shape[2]}, L={L}), got shape {tuple(X.shape)}')
+    for name, x in (('D', D), ('delta_bias', delta_bias)):
+        if x is not None and x.shape != (2, dim):
+            raise ValueError(f'{name} must be (2, dim={dim}), got shape {tuple(x.shape)}')
+    if z is not None and z.shape != (batch, dim, L):
+        raise ValueError(f'z must be (batch={batch}, dim={dim}, L={L}): one gate for both directions, '
+                         f'got shape {tuple(z.shape)}')
+
+
+def bidirectional_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                                 discretization='zoh', deterministic=None, config=None):
+    """Vim's two scan directions over one sequence: direction 0 forward in time, direction 1 from t = L-1
+    down to 0 (Vim's flipped direction, returned in original order), each gated by the same silu(z).
+
+    u, delta: (batch, 2, dim, L); A: (2, dim, N); B, C: (batch, 2, N, L); D, delta_bias: (2, dim);
+    z: (batch, dim, L). Returns (batch, 2, dim, L) in u's dtype: [:, r] = selective_scan_fn(u[:, r], ...,
+    reverse=(r == 1)). Last strides must be 1 for the fused path (copies otherwise); other strides are free.
+
+    On CUDA both directions run in ONE launch of each fused kernel: the 2 * dim channel rows of a layer are
+    one grid (twice the programs in flight of two launches for the latency-bound scan), B/C read as two
+    groups, and the programs of the second half run their tiles in reverse. Elsewhere, two selective_scan_fn
+    calls (also on CUDA with VIM_DISC_BIDIR=two). `deterministic` as in selective_scan_fn; `config`: a ScanConfig
+    for the one-launch path.
+    """
+    _check_bidirectional(u, delta, A, B, C, D, z, delta_bias)
+    mode = os.environ.get('VIM_DISC_SCAN', '')
+    launch = os.environ.get('VIM_DISC_BIDIR', 'one')
+    if launch not in ('one', 'two'):
+        raise ValueError(f"VIM_DISC_BIDIR={launch!r}: expected 'one' (one launch for both directions) or 'two'")
+    if launch == 'two' or not (mode == 'triton' or (mode == '' and u.is_cuda and u.dtype != torch.float64)):
+        # two scans (VIM_DISC_BIDIR=two keeps the two-launch form selectable for benchmarks)
+        outs = [selective_scan_fn(u[:, r], delta[:, r], A[r], B[:, r], C[:, r], None if D is None else D[r], z,
+                                  None if delta_bias is None else delta_bias[r], delta_softplus,
+                                  discretization=discretization, reverse=r == 1, deterministic=deterministic)
+                for r in (0, 1)]
+        return torch.stack(outs, 1)
+    batch, _, dim, L = u.shape
+    rows = (batch, 2 * dim, L)
+    u2, delta2 = u.reshape(rows), delta.reshape(rows)  # views for the usual (contiguous) layout
+    A2 = A.reshape(2 * dim, A.shape[2])
+    D2 = D.reshape(2 * dim) if D is not None else None
+    bias2 = delta_bias.reshape(2 * dim) if delta_bias is not None else None
+    check_inputs(u2, delta2, A2, B, C, D2, None, bias2)
+    if z is not None and (not z.is_floating_point() or z.device != u.device):
+        raise ValueError(f'z must be a floating-point tensor on {u.device}, got {z.dtype} on {z.device}')
+    rule = get_discretizer(discretization)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    out = SelectiveScanFn.apply(u2, delta2, A2, B, C, D2, z, bias2, delta_softplus, False, rule, False,
+                                bool(deterministic), config or ScanConfig(), need_grad, dim)
+    return out.view(batch, 2, dim, L)

@@ -44,7 +44,8 @@ def mamba():
     module = mamba_module()
     if module is None:
         return None
-    from tools.benchmark_scan import mamba_scan
+    from tests.benchmarks import import_benchmark
+    mamba_scan = import_benchmark('benchmark_scan').mamba_scan
     return mamba_scan(module)
 
 

@@ -4,7 +4,7 @@ zoh against mamba-ssm's CUDA kernel when built (tests/gpu/test_mamba_grid.py has
 
 Runs on the GPU machine (skipped without CUDA). mamba-ssm's extension is looked up as an importable
 `selective_scan_cuda` or built from the sdist named by MAMBA_SCAN_SRC into MAMBA_SCAN_BUILD_DIR
-(tools/benchmark_scan.py builds it); without either those tests skip.
+(benchmarks/benchmark_scan.py builds it); without either those tests skip.
 """
 import os
 
@@ -155,7 +155,8 @@ def mamba_module():
     src, build = os.environ.get('MAMBA_SCAN_SRC'), os.environ.get('MAMBA_SCAN_BUILD_DIR')
     if not src or not build:
         return None
-    from tools.benchmark_scan import load_mamba_scan
+    from tests.benchmarks import import_benchmark
+    load_mamba_scan = import_benchmark('benchmark_scan').load_mamba_scan
     return load_mamba_scan(src, build)
 
 
@@ -164,7 +165,8 @@ def test_zoh_matches_mamba_cuda(dtype):
     module = mamba_module()
     if module is None:
         pytest.skip('mamba-ssm CUDA selective_scan not importable (set MAMBA_SCAN_SRC and MAMBA_SCAN_BUILD_DIR)')
-    from tools.benchmark_scan import mamba_scan
+    from tests.benchmarks import import_benchmark
+    mamba_scan = import_benchmark('benchmark_scan').mamba_scan
     inputs = make_inputs(2, 64, 1000, 16, dtype)
     ours = [x.clone().requires_grad_() for x in inputs]
     theirs = [x.clone().requires_grad_() for x in inputs]

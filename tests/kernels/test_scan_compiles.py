@@ -30,7 +30,9 @@ for rule in sys.argv[1:]:
                            ln.tile_l, ln.num_warps, ln.states)
         print('compiled', rule, backward, resources(k)[0], flush=True)
 for name, variant in (('reverse-constantBC-fp32', dict(reverse=True, variable_bc=False, dtype='fp32')),
-                      ('deterministic-dlast-fp16', dict(deterministic=True, dlast=True, dtype='fp16'))):
+                      ('deterministic-dlast-fp16', dict(deterministic=True, dlast=True, dtype='fp16')),
+                      ('bidirectional', dict(bidir=True)), ('bidirectional-deterministic', dict(bidir=True,
+                                                                                              deterministic=True))):
     for backward in (False, True):
         k = compile_kernel(backward, 'foh', 2, 8, 16, 2, 2, **variant)  # the CPU tests' launch shape
         print('compiled', name, backward, resources(k)[0], flush=True)
@@ -46,5 +48,5 @@ def test_kernels_compile_for_sm90():
                          timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     lines = [line.split() for line in res.stdout.splitlines() if line.startswith('compiled')]
-    assert len(lines) == 2 * len(rules) + 4, res.stdout
+    assert len(lines) == 2 * len(rules) + 8, res.stdout
     assert all(0 < int(line[-1]) <= 255 for line in lines), res.stdout  # registers per thread, from ptxas

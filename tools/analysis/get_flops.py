@@ -7,15 +7,15 @@ kernel, so the scan is counted analytically. One FLOP is one +, -, x, / or exp; 
 a matmul or convolution costs 2 per multiply-accumulate. Per layer (both directions of the bidirectional
 mixer):
 
-  projections   in_proj, x_proj, dt_proj (its matmul; the bias goes to the scan), out_proj: 2 * tokens * in * out
+  projections   in_proj, x_proj, dt_proj (its matmul; the bias goes to the scan): 2 * tokens * in * out; out_proj
+                takes both directions at once (K = 2 * d_inner: the mean of the directions is folded into it)
   conv1d        depthwise causal conv over the padded sequence: 2 * (L + d_conv - 1) * d_inner * d_conv
   scan          per element of (B, D, L, N), D = d_inner, N = d_state:
                   coefficients   Abar(z), w_0..w_K(z): the rule's cost (COEFF_FLOPS, counted in its Triton code)
                   input term     v = B u, delta * sum_{j<=K} w_j v_{t-j}:   2K + 3
                   recurrence     z = delta * a, h = Abar h + input, y += C h: 5
   elementwise   per (B, D, L) and direction: conv bias 1, silu 4, delta + bias 1, softplus 3, D u + y 2,
-                gate silu 4 + product 1 (= 16); the mean of the directions 2; RMSNorm 4 and the residual
-                add 1 per (B, L, d_model)
+                gate silu 4 + product 1 (= 16); RMSNorm 4 and the residual add 1 per (B, L, d_model)
 
 Prints a per-layer table, a per-rule comparison of the scan at this shape, and the parameter count of the
 built backbone; ``--json`` saves the same numbers.
@@ -46,7 +46,6 @@ from kernels.discretization import RULES, get_discretizer  # noqa: E402
 COEFF_FLOPS = dict(zoh=1, bilinear=5, rk4=18, foh=52, poly=63, highorder=79)
 RECURRENCE_FLOPS = 5  # z = delta * a; h = Abar h + input (2); y += C h (2)
 ELEMENTWISE_PER_CHANNEL = 16  # per (B, D, L) and direction, see the module docstring
-MEAN_OF_DIRECTIONS = 2  # (out + out_b) / 2 per (B, D, L)
 BLOCK_PER_FEATURE = 5  # RMSNorm 4 and the residual add 1 per (B, L, d_model)
 
 
@@ -75,12 +74,11 @@ def mixer_flops(tokens, d_model, d_inner, d_state, dt_rank, d_conv, coef, histor
     projections = (2 * bl * d_model * 2 * d_inner  # in_proj -> x and the gate
                    + directions * 2 * bl * d_inner * (dt_rank + 2 * d_state)  # x_proj -> dt, B, C
                    + directions * 2 * bl * dt_rank * d_inner  # dt_proj
-                   + 2 * bl * d_inner * d_model)  # out_proj
+                   + directions * 2 * bl * d_inner * d_model)  # out_proj over both directions' outputs
     conv1d = directions * 2 * batch * (tokens + d_conv - 1) * d_inner * d_conv
     elements = directions * bl * d_inner * d_state
     per_coef, per_input, per_recurrence = scan_flops_per_element(coef, history)
-    elementwise = (directions * bl * d_inner * ELEMENTWISE_PER_CHANNEL + bl * d_inner * MEAN_OF_DIRECTIONS
-                   + bl * d_model * BLOCK_PER_FEATURE)
+    elementwise = directions * bl * d_inner * ELEMENTWISE_PER_CHANNEL + bl * d_model * BLOCK_PER_FEATURE
     parts = dict(projections=projections, conv1d=conv1d, scan_coef=elements * per_coef,
                  scan_input=elements * per_input, scan_recurrence=elements * per_recurrence, elementwise=elementwise)
     parts['total'] = sum(parts.values())

@@ -27,6 +27,9 @@ model = dict(
         drop_path_rate=0.1,
         # None: re-initialise dt_proj(_b).bias from ssm_cfg after loading, for every rule but zoh
         reinit_dt_after_load=None,
+        # training steps on CUDA replay CUDA graphs of the backbone's forward + backward (the LSJ batches are one
+        # size); eval, CPU and SSM-statistics iterations run eagerly. False: always eager (models/cuda_graph.py)
+        cuda_graph=True,
         init_cfg=dict(type='Pretrained', checkpoint='checkpoints/vim_t_midclstok_76p1acc.pth')),
     neck=dict(
         type='SimpleFPN',

@@ -1,8 +1,15 @@
 """Vision Mamba (Vim) backbone for dense prediction, with a pluggable SSM discretization rule.
 
-Layout and parameter names follow the official Vim release ("bimamba v2") so its ImageNet checkpoints load:
+Parameter names follow the official Vim release ("bimamba v2") so its ImageNet checkpoints load:
 ``patch_embed.proj``, ``pos_embed``, ``layers.{i}.norm``, ``layers.{i}.mixer.{in_proj, conv1d(_b), x_proj(_b),
-dt_proj(_b), A_log / A_b_log, D / D_b, out_proj}``. The selective scan itself lives in ``kernels/``.
+dt_proj(_b), A_log / A_b_log, D / D_b, out_proj}``. The fused operators (residual add + RMSNorm, the depthwise
+conv + SiLU, the selective scan) live in ``kernels/``.
+
+Layout: the residual stream is channels-first, (batch, C, L), from the patch embedding's (batch, C, H, W) to the
+output map, so every projection is one matmul of a weight with a (batch, features, L) tensor and no token-major
+copy or transpose is ever made. The two scan directions are stacked on a new axis (batch, 2, ...) and go through
+each op once: one conv launch, one batched GEMM per projection, one scan launch, and out_proj over both
+directions at once (its K = 2 * d_inner sums them).
 """
 import math
 from typing import Optional, Sequence, Union
@@ -11,13 +18,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from mmcv.cnn.bricks import DropPath
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import trunc_normal_
 
-from kernels import selective_scan_fn
+from kernels import add_rms_norm, bidirectional_selective_scan, depthwise_conv1d_silu
 from mmdet.registry import MODELS
+from .cuda_graph import graphed_forward
 from .discretizers import build_discretizer
 
 DEFAULT_SSM_CFG = dict(d_state=16, d_conv=4, expand=2, dt_rank='auto', dt_min=0.001, dt_max=0.1,
@@ -25,7 +32,7 @@ DEFAULT_SSM_CFG = dict(d_state=16, d_conv=4, expand=2, dt_rank='auto', dt_min=0.
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm as in mamba-ssm (computed in fp32, cast back)."""
+    """RMSNorm over the channels of a channels-first (batch, C, L) tensor, as mamba-ssm's (in fp32)."""
 
     def __init__(self, dims: int, eps: float = 1e-5):
         super().__init__()
@@ -34,8 +41,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * self.weight.float()).to(x.dtype)
+        out = x32 * torch.rsqrt(x32.pow(2).mean(1, keepdim=True) + self.eps)
+        return (out * self.weight.float()[:, None]).to(x.dtype)
 
 
 class PatchEmbed(nn.Module):
@@ -46,9 +53,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, embed_dims, patch_size, stride=patch_size)
 
     def forward(self, x):
+        """(batch, 3, H, W) -> tokens channels-first (batch, C, L), and the grid (H / p, W / p)."""
         x = self.proj(x)
-        hw = x.shape[-2:]
-        return x.flatten(2).transpose(1, 2), hw
+        return x.flatten(2), x.shape[-2:]
 
 
 def init_dt_bias(bias: torch.Tensor, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
@@ -69,7 +76,9 @@ class BiMambaMixer(nn.Module):
 
     The backward direction is computed on the un-flipped sequence (no flip copies of (B, D, L) tensors): its
     causal conv of the flipped sequence is an anti-causal conv with the kernel reversed, the projections are
-    per token, and the scan runs with ``reverse=True``; the result equals Vim's flip -> scan -> flip.
+    per token, and the scan runs in reverse; the result equals Vim's flip -> scan -> flip. Both directions are
+    stacked on axis 1 and computed together (module docstring); the per-direction parameters are stacked per
+    call (tiny copies) so the official parameter names stay.
     """
 
     def __init__(self, d_model: int, ssm_cfg: dict, discretizer, layer_idx: int = 0):
@@ -117,60 +126,61 @@ class BiMambaMixer(nn.Module):
                     raise ValueError(f"dt_init must be 'constant' or 'random', got {cfg['dt_init']!r}")
             init_dt_bias(dt_proj.bias, cfg['dt_min'], cfg['dt_max'], cfg['dt_init_floor'])
 
-    def _scan(self, xz, conv1d, x_proj, dt_proj, A_log, D, direction: str, reverse: bool = False):
-        """One direction on the un-flipped sequence; ``reverse`` runs it from t = L-1 down to 0."""
-        L = xz.shape[-1]
-        x, z = xz.chunk(2, dim=1)
-        if reverse:
-            # the causal conv of the flipped sequence, read in original order, is anti-causal with the kernel
-            # reversed: y[t] = sum_k w[K-1-k] x[t+k] + b. Only the small (D, 1, K) weight is flipped, not x.
-            K = conv1d.kernel_size[0]
-            x = F.conv1d(x, conv1d.weight.flip(-1), conv1d.bias, padding=K - 1,
-                         groups=conv1d.groups)[..., K - 1:K - 1 + L]
-        else:
-            x = conv1d(x)[..., :L]  # causal: keep the first L outputs of the padded conv
-        x = F.silu(x)
-        x_dbl = x_proj(x.transpose(1, 2))  # (B, L, dt_rank + 2N)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = (dt @ dt_proj.weight.t()).transpose(1, 2)  # bias goes to the scan as delta_bias
-        A = -torch.exp(A_log.float())
-        if self.record_stats:  # delta in original order for both directions; the statistics ignore order
-            with torch.no_grad():
-                stats = self.ssm_stats if self.ssm_stats is not None else {}
-                stats[direction] = dict(delta=F.softplus(delta.float() + dt_proj.bias.float()[:, None]),
-                                        A=A.detach())
-                self.ssm_stats = stats
-        return selective_scan_fn(
-            x, delta.contiguous(), A, B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D.float(),
-            z=z, delta_bias=dt_proj.bias.float(), delta_softplus=True, discretization=self.discretizer,
-            reverse=reverse)
+    def _stacked(self, name):
+        """The two directions' copies of a parameter, stacked: (2, ...)."""
+        return torch.stack([getattr(self, name), getattr(self, name + '_b')])
 
     def forward(self, hidden):
-        """hidden: (B, L, d_model) -> (B, L, d_model)."""
-        xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2 * d_inner, L)
-        out = self._scan(xz, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, 'fwd')
-        # backward direction: a reverse scan of the same xz, its output already in original order (no flips)
-        out_b = self._scan(xz, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, 'bwd',
-                           reverse=True)
-        return self.out_proj(((out + out_b) / 2).transpose(1, 2))
+        """hidden: (batch, d_model, L) channels-first -> (batch, d_model, L)."""
+        Di, N, R = self.d_inner, self.d_state, self.dt_rank
+        batch, _, L = hidden.shape
+        xz = torch.matmul(self.in_proj.weight, hidden)  # (batch, 2 * d_inner, L)
+        x, z = xz[:, :Di], xz[:, Di:]
+        conv_w = torch.stack([self.conv1d.weight[:, 0], self.conv1d_b.weight[:, 0]])  # (2, d_inner, d_conv)
+        u = depthwise_conv1d_silu(x, conv_w, torch.stack([self.conv1d.bias, self.conv1d_b.bias]))  # (b, 2, Di, L)
+        x_dbl = torch.matmul(torch.stack([self.x_proj.weight, self.x_proj_b.weight]), u)  # (b, 2, R + 2N, L)
+        # dt_proj's bias goes to the scan as delta_bias (softplus(delta + bias) is computed there)
+        delta = torch.matmul(torch.stack([self.dt_proj.weight, self.dt_proj_b.weight]), x_dbl[:, :, :R])
+        A = -torch.exp(torch.stack([self.A_log, self.A_b_log]).float())  # (2, d_inner, N)
+        bias = torch.stack([self.dt_proj.bias, self.dt_proj_b.bias]).float()
+        if self.record_stats:  # delta in original order for both directions; the statistics ignore order
+            with torch.no_grad():
+                self.ssm_stats = {
+                    direction: dict(delta=F.softplus(delta[:, r].float() + bias[r][:, None]), A=A[r].detach())
+                    for r, direction in enumerate(('fwd', 'bwd'))}
+        y = bidirectional_selective_scan(u, delta, A, x_dbl[:, :, R:R + N], x_dbl[:, :, R + N:],
+                                         self._stacked('D').float(), z=z, delta_bias=bias, delta_softplus=True,
+                                         discretization=self.discretizer)  # (batch, 2, d_inner, L)
+        # (out + out_b) / 2 then out_proj, as one GEMM over both directions: K = 2 * d_inner
+        w = self.out_proj.weight * 0.5
+        return torch.matmul(torch.cat([w, w], 1), y.view(batch, 2 * Di, L))
 
 
 class VimBlock(nn.Module):
-    """Pre-norm residual block in Vim's form: the residual stream is carried separately (in fp32)."""
+    """Pre-norm residual block in Vim's form: the residual stream (batch, C, L) is carried separately in fp32.
+
+    residual <- residual + drop_path(hidden); hidden <- mixer(RMSNorm(residual)): the add, DropPath's per-sample
+    factor (drawn by the backbone, see VimBackbone.drop_path_scales) and the norm are one fused kernel
+    (kernels.add_rms_norm); its output is already in the autocast dtype the mixer's first GEMM would cast it to.
+    """
 
     def __init__(self, dims, ssm_cfg, discretizer, drop_path, residual_in_fp32, norm_eps, layer_idx):
         super().__init__()
+        if not residual_in_fp32:
+            raise ValueError('VimBlock keeps the residual stream in fp32 (residual_in_fp32=True); the fused '
+                             'add + RMSNorm has no half-precision residual')
         self.norm = RMSNorm(dims, eps=norm_eps)
         self.mixer = BiMambaMixer(dims, ssm_cfg, discretizer, layer_idx)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.residual_in_fp32 = residual_in_fp32
+        self.drop_prob = float(drop_path)
 
-    def forward(self, hidden, residual):
-        residual = hidden if residual is None else residual + self.drop_path(hidden)
-        hidden = self.norm(residual.to(self.norm.weight.dtype))
-        if self.residual_in_fp32:
-            residual = residual.float()
-        return self.mixer(hidden), residual
+    def forward(self, hidden, residual, drop_scale=None):
+        """hidden, residual: (batch, C, L); residual None in the first block; drop_scale: (batch,) DropPath
+        factors for hidden, or None. Returns the pair for the next block."""
+        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+            else self.norm.weight.dtype
+        normed, residual = add_rms_norm(hidden, residual, self.norm.weight, self.norm.eps,
+                                        scale=None if residual is None else drop_scale, out_dtype=dtype)
+        return self.mixer(normed), residual
 
 
 @MODELS.register_module()
@@ -186,6 +196,12 @@ class VimBackbone(BaseModule):
         discretization (str | dict | Discretizer): the SSM rule, resolved through ``DISCRETIZERS``.
         reinit_dt_after_load (bool | None): after loading a pretrained checkpoint, re-initialise both directions'
             ``dt_proj`` biases from ``ssm_cfg`` (None: on for every rule but zoh).
+        with_cp (bool): activation checkpointing per layer (never captured in a CUDA graph).
+        cuda_graph (bool): in training on CUDA, replay CUDA graphs of the forward and backward
+            (``models/cuda_graph.py``) once an input shape has been seen ``cuda_graph_warmup`` times; eval, CPU,
+            ``with_cp``, SSM-statistics iterations and extra shapes run eagerly. False: always eager.
+        cuda_graph_warmup (int): eager calls of a new input signature before it is captured.
+        cuda_graph_max (int): input signatures captured at most (each keeps its own activation memory).
     """
     arch_zoo = {
         'tiny': dict(embed_dims=192, depth=24),
@@ -205,6 +221,9 @@ class VimBackbone(BaseModule):
                  norm_eps: float = 1e-5,
                  reinit_dt_after_load: Optional[bool] = None,
                  with_cp: bool = False,
+                 cuda_graph: bool = True,
+                 cuda_graph_warmup: int = 2,
+                 cuda_graph_max: int = 1,
                  init_cfg=None):
         super().__init__(init_cfg=init_cfg)
         if isinstance(arch, str):
@@ -217,6 +236,12 @@ class VimBackbone(BaseModule):
         self.depth = int(arch['depth'])
         self.patch_size = patch_size
         self.with_cp = with_cp
+        if cuda_graph_warmup < 0 or cuda_graph_max < 0:
+            raise ValueError(f'cuda_graph_warmup and cuda_graph_max must be >= 0, got {cuda_graph_warmup}, '
+                             f'{cuda_graph_max}')
+        self.cuda_graph = bool(cuda_graph)  # plain attributes: the graphs themselves live outside the module
+        self.cuda_graph_warmup = int(cuda_graph_warmup)
+        self.cuda_graph_max = int(cuda_graph_max)
         self.discretizer = build_discretizer(discretization)
         self.ssm_cfg = {**DEFAULT_SSM_CFG, **(ssm_cfg or {})}
         self.reinit_dt_after_load = (self.discretizer.name != 'zoh' if reinit_dt_after_load is None
@@ -229,7 +254,9 @@ class VimBackbone(BaseModule):
         self.layers = nn.ModuleList(
             VimBlock(self.embed_dims, self.ssm_cfg, self.discretizer, dpr[i], residual_in_fp32, norm_eps, i)
             for i in range(self.depth))
-        self.out_drop_path = DropPath(dpr[-1]) if drop_path_rate > 0 else nn.Identity()
+        # DropPath keep probabilities: block i's add (block 0 adds nothing), then the final add (not state)
+        self.drop_path_rate = float(drop_path_rate)
+        self.register_buffer('drop_keep', 1.0 - torch.tensor(dpr + dpr[-1:]), persistent=False)
         self._init_from_scratch()
 
     def _init_from_scratch(self):
@@ -276,14 +303,39 @@ class VimBackbone(BaseModule):
         return grid.to(self.pos_embed.dtype).flatten(2).transpose(1, 2)
 
     def forward(self, x):
+        """x: (B, C_in, H, W) -> ((B, embed_dims, H / patch, W / patch), ).
+
+        With ``cuda_graph`` on, a training call on CUDA may replay captured CUDA graphs of
+        :meth:`forward_eager` (see ``models/cuda_graph.py``); a replayed output is a static buffer that the next
+        training call overwrites, so consume it (and run its backward) within the step.
+        """
+        scales = self.drop_path_scales(x)
+        extra = () if scales is None else (scales, )
+        if self.cuda_graph:
+            return graphed_forward(self, x, *extra)
+        return self.forward_eager(x, *extra)
+
+    def drop_path_scales(self, x):
+        """DropPath's per-sample factors of one training step, (depth + 1, batch): row i scales what block i
+        adds to the residual stream, the last row the final add; 0 with the drop probability, else 1 / keep.
+        Drawn here in ONE call, outside any CUDA graph, and handed to forward_eager as an input: a replayed
+        step uses this step's masks, and captured and eager runs draw the same random numbers. None when
+        DropPath is off (eval, or drop_path_rate 0)."""
+        if not self.training or self.drop_path_rate == 0:
+            return None
+        keep = self.drop_keep[:, None]
+        return (torch.rand(len(self.drop_keep), x.shape[0], device=x.device) < keep) / keep
+
+    def forward_eager(self, x, drop_scales=None):
+        """The backbone as plain PyTorch ops (what a CUDA graph of it captures); drop_scales: drop_path_scales."""
         tokens, hw = self.patch_embed(x)
-        hidden = tokens + self.interpolated_pos_embed(hw)
+        hidden = tokens + self.interpolated_pos_embed(hw).transpose(1, 2)
         residual = None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            scale = None if drop_scales is None else drop_scales[i]
             if self.with_cp and hidden.requires_grad:
-                hidden, residual = cp.checkpoint(layer, hidden, residual, use_reentrant=False)
+                hidden, residual = cp.checkpoint(layer, hidden, residual, scale, use_reentrant=False)
             else:
-                hidden, residual = layer(hidden, residual)
-        out = residual + self.out_drop_path(hidden)
-        B, _, C = out.shape
-        return (out.transpose(1, 2).reshape(B, C, *hw).to(x.dtype), )
+                hidden, residual = layer(hidden, residual, scale)
+        out = residual + (hidden if drop_scales is None else hidden * drop_scales[-1][:, None, None])
+        return (out.reshape(*out.shape[:2], *hw).to(x.dtype), )

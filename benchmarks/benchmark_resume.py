@@ -1,6 +1,6 @@
 """Resilience benchmarks: resume-to-first-step time at a late iteration, and the SSM statistics overhead.
 
-``python tools/benchmark_resume.py [--iters 20000] [--what resume ssm-stats] [--out work_dirs/benchmark_resume.json]``
+``python benchmarks/benchmark_resume.py [--iters 20000] [--what resume ssm-stats] [--out work_dirs/benchmark_resume.json]``
 
 resume (one line per provider; the demo config on the embedded shapes dataset, its own pipeline and
 workers):

@@ -1,6 +1,6 @@
 """Per-image time and peak memory of the LSJ training pipeline at 1024 px: polygon vs bitmap masks.
 
-``python tools/benchmark_pipeline.py [--num-images 40] [--repeats 2] [--out work_dirs/benchmark_pipeline.json]``
+``python benchmarks/benchmark_pipeline.py [--num-images 40] [--repeats 2] [--out work_dirs/benchmark_pipeline.json]``
 
 Providers (one line each), all the training pipeline of configs/_base_/datasets/coco_lsj.py, read from the
 config (SeedFromStreamPosition, LoadImageFromFile, LoadAnnotations, RandomFlip, RandomResize 0.1-2.0 of 1024,

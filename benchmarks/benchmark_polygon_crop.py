@@ -1,6 +1,6 @@
 """Mask accuracy of polygon crops: mmdet's ``PolygonMasks.crop`` vs ours, against rasterise-then-crop.
 
-    python tools/benchmark_polygon_crop.py [--instances 1000] [--seed 0] [--out crop_accuracy.json]
+    python benchmarks/benchmark_polygon_crop.py [--instances 1000] [--seed 0] [--out crop_accuracy.json]
 
 Random instances of 1-3 rings with 3-9 vertices (a third with vertices in random order, so mostly
 self-intersecting) in a 256 px image, random crop boxes. Reference: rasterise the whole instance with

@@ -1,21 +1,25 @@
 """Train the full detector of ``configs/vim_<rule>.py`` on synthetic COCO-like inputs and report speed and memory.
 
-    python tools/benchmark_train.py configs/vim_zoh.py configs/vim_rk4.py --iters 30 --precision bf16 fp32 \
-        --out bench_train.json
+    python benchmarks/benchmark_train.py [configs/vim_zoh.py ...] --iters 30 --precision bf16 fp32 \
+        --cuda-graph on off --out bench_train.json --cfg-options model.backbone.init_cfg=None
 
-Per config and precision: seconds per iteration (median after warm-up), peak GPU memory, and whether every loss of
-every iteration was finite (plus the number of non-finite steps the guard skipped, when the config uses it).
-Images are random noise with random boxes and box-shaped masks: enough to exercise every head at full size.
+Per config, precision and backbone CUDA graph (on: ``model.backbone.cuda_graph=True``, the backbone captures
+its forward and backward; off: eager): seconds per iteration (median after warm-up), peak GPU memory, and
+whether every loss of every iteration was finite (plus the number of non-finite steps the guard skipped, when
+the config uses it). Default configs: the six ``configs/vim_<rule>.py``. Images are random noise with random
+boxes and box-shaped masks: enough to exercise every head at full size. Ends with a table and, per config and
+graph setting, the bf16 step's speed-up over fp32.
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 
 from _bootstrap import setup_repo_path
 
-setup_repo_path()
+REPO_ROOT = setup_repo_path()
 
 import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
@@ -25,9 +29,12 @@ from mmengine.structures import InstanceData  # noqa: E402
 
 import projects.vim_disc  # noqa: E402,F401
 from projects.vim_disc.engine.optim_wrapper import SKIPS_TOTAL  # noqa: E402
+from projects.vim_disc.models.cuda_graph import cuda_graph_state  # noqa: E402
 from mmdet.registry import MODELS  # noqa: E402
 from mmdet.structures import DetDataSample  # noqa: E402
 from mmdet.structures.mask import BitmapMasks  # noqa: E402
+
+RULE_CONFIGS = [f'configs/vim_{rule}.py' for rule in ('zoh', 'foh', 'bilinear', 'poly', 'highorder', 'rk4')]
 
 
 def synthetic_batch(batch_size, size, num_classes, generator, max_objects=12):
@@ -64,10 +71,17 @@ def optim_cfg_for(cfg, precision):
     return optim
 
 
-def run(config, precision, args):
-    cfg = Config.fromfile(config)
+def graph_counts(backbone):
+    """Did the captured rows replay? (captures, replays, eager calls, why capture is off if it is)"""
+    st = cuda_graph_state(backbone)
+    return dict(captures=st.captures, replays=st.replays, eager_calls=st.eager_calls, disabled=st.disabled)
+
+
+def run(config, precision, graph, args):
+    cfg = Config.fromfile(config if os.path.exists(config) else os.path.join(REPO_ROOT, config))
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
+    cfg.model.backbone.cuda_graph = graph == 'on'
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     torch.manual_seed(0)
     model = MODELS.build(cfg.model).cuda()
@@ -80,6 +94,9 @@ def run(config, precision, args):
     times, nonfinite = [], 0
     torch.cuda.reset_peak_memory_stats()
     for it in range(args.warmup + args.iters):
+        if it == args.warmup:  # the steady state: after the warm-up (and the capture) is done
+            peak_warmup = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         losses = model.train_step(batches[it % len(batches)], optim_wrapper)
@@ -91,16 +108,21 @@ def run(config, precision, args):
     # the guarded wrappers count skipped updates in the message hub; None for mmengine's plain wrappers
     skipped = (optim_wrapper.message_hub.get_info(SKIPS_TOTAL, 0)
                if hasattr(optim_wrapper, 'consecutive_skips') else None)
-    return dict(config=config, precision=precision, batch=args.batch, size=args.size, iters=args.iters,
+    return dict(config=config, precision=precision, cuda_graph=graph, batch=args.batch, size=args.size,
+                iters=args.iters,
                 s_per_iter=statistics.median(times), s_per_iter_min=min(times),
-                peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, nonfinite_iters=nonfinite,
+                peak_mem_gib=max(peak_warmup, torch.cuda.max_memory_allocated()) / 2**30,
+                peak_mem_steady_gib=torch.cuda.max_memory_allocated() / 2**30, nonfinite_iters=nonfinite,
+                graph=graph_counts(model.backbone),
                 guard_skipped_steps=skipped, final_loss=float(losses['loss']))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('configs', nargs='+')
+    parser.add_argument('configs', nargs='*', default=RULE_CONFIGS, help='default: the six configs/vim_<rule>.py')
     parser.add_argument('--precision', nargs='+', default=['bf16', 'fp32'], choices=['bf16', 'fp16', 'fp32'])
+    parser.add_argument('--cuda-graph', nargs='+', default=['on', 'off'], choices=['on', 'off'],
+                        help="the backbone's CUDA graph (model.backbone.cuda_graph)")
     parser.add_argument('--iters', type=int, default=20)
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--batch', type=int, default=2)
@@ -112,17 +134,39 @@ def main():
         sys.exit('benchmark_train.py needs a CUDA GPU')
     results = []
     for config in args.configs:
-        for precision in args.precision:
-            r = run(config, precision, args)
-            results.append(r)
-            print(f"{r['config']:<28} {precision:<5} {r['s_per_iter']:.3f} s/iter  peak {r['peak_mem_gib']:.2f} GiB  "
-                  f"non-finite iters {r['nonfinite_iters']}  skipped {r['guard_skipped_steps']}", flush=True)
-            torch.cuda.empty_cache()
+        for graph in args.cuda_graph:
+            for precision in args.precision:
+                r = run(config, precision, graph, args)
+                results.append(r)
+                print(f"{r['config']:<28} {precision:<5} graph {graph:<3} {r['s_per_iter']:.3f} s/iter  "
+                      f"peak {r['peak_mem_gib']:.2f} GiB  non-finite iters {r['nonfinite_iters']}  "
+                      f"skipped {r['guard_skipped_steps']}", flush=True)
+                torch.cuda.empty_cache()
     device = torch.cuda.get_device_name()
-    print(f'\ncard: {device}')
+    speedups = print_table(results)
+    print(f'card: {device}')
     if args.out:
         with open(args.out, 'w') as f:
-            json.dump(dict(device=device, torch=torch.__version__, results=results), f, indent=1)
+            json.dump(dict(device=device, torch=torch.__version__, argv=sys.argv, results=results,
+                           bf16_speedup_over_fp32=speedups), f, indent=1)
+
+
+def print_table(results):
+    """The rows, then fp32 s/iter over bf16 s/iter per config and graph setting (> 1: bf16 is faster)."""
+    print(f"\n{'config':<28} {'precision':<9} {'graph':<5} {'s/iter':>7} {'peak GiB':>8} {'non-finite':>10}")
+    for r in results:
+        print(f"{r['config']:<28} {r['precision']:<9} {r['cuda_graph']:<5} {r['s_per_iter']:7.3f} "
+              f"{r['peak_mem_gib']:8.2f} {r['nonfinite_iters']:10d}")
+    by_key = {(r['config'], r['cuda_graph'], r['precision']): r['s_per_iter'] for r in results}
+    speedups = []
+    for (config, graph, precision), s in by_key.items():
+        if precision == 'bf16' and (config, graph, 'fp32') in by_key:
+            speedups.append(dict(config=config, cuda_graph=graph, ratio=by_key[(config, graph, 'fp32')] / s))
+    if speedups:
+        print('\nbf16 step vs fp32 step (fp32 s / bf16 s; > 1: bf16 faster):')
+        for sp in speedups:
+            print(f"  {sp['config']:<28} graph {sp['cuda_graph']:<3} {sp['ratio']:.2f}x")
+    return speedups
 
 
 if __name__ == '__main__':

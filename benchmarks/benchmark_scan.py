@@ -10,8 +10,8 @@ plus achieved GB/s over the fewest bytes the op must move, the peak memory a for
 beyond its inputs, upstream gradient and returned gradients' inputs (torch.cuda.max_memory_allocated), and
 the kernel launches of one forward and one backward (torch.profiler).
 
-    python tools/benchmark_scan.py --out scan.json --mamba-src .whl_src/mamba_ssm-2.3.2.post1.tar.gz
-    python tools/benchmark_scan.py --sweep --deadline 200   # launch shapes, to pick the defaults
+    python benchmarks/benchmark_scan.py --out scan.json --mamba-src .whl_src/mamba_ssm-2.3.2.post1.tar.gz
+    python benchmarks/benchmark_scan.py --sweep --deadline 200   # launch shapes, to pick the defaults
 """
 import argparse
 import json
@@ -22,7 +22,9 @@ import sys
 import tarfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _bootstrap import setup_repo_path
+
+setup_repo_path()
 
 import torch  # noqa: E402
 

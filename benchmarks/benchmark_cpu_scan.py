@@ -1,6 +1,6 @@
 """Forward and forward+backward time of the CPU scan paths, per discretization rule.
 
-``python tools/benchmark_cpu_scan.py [--rules zoh foh ...] [--repeats 5] [--out work_dirs/benchmark_cpu_scan.json]``
+``python benchmarks/benchmark_cpu_scan.py [--rules zoh foh ...] [--repeats 5] [--out work_dirs/benchmark_cpu_scan.json]``
 
 Providers (one line each), same inputs, fp32, delta_softplus, D and z gate, B/C (batch, N, L):
   reference   kernels.naive.selective_scan_ref: a sequential loop over L, autograd through every step
