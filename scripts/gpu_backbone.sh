@@ -23,21 +23,9 @@ export PYTHONUNBUFFERED=1
 MAMBA_SRC=${MAMBA_SDIST:-.whl_src/mamba_ssm-2.3.2.post1.tar.gz}
 MAMBA_BUILD=/tmp/mamba_scan_build
 LOG=$OUT/log.txt
-left() { echo $(( BUDGET_S - (SECONDS - START) )); }
-run() {  # run NAME SECONDS COMMAND...: logged, bounded by SECONDS and by the time left
-  local name=$1 limit=$2
-  shift 2
-  [ "$limit" -gt "$(left)" ] && limit=$(left)
-  if [ "$limit" -lt 15 ]; then echo "=== $name skipped: out of time" | tee -a "$LOG"; return; fi
-  echo "=== $name (limit ${limit}s, at $(( SECONDS - START ))s)" | tee -a "$LOG"
-  timeout "$limit" "$@" >> "$LOG" 2>&1
-  echo "=== $name rc=$? after $(( SECONDS - START ))s" | tee -a "$LOG"
-}
+source scripts/device_lib.sh
 
-if ! $PY -c 'import mmdet, mmcv.ops' 2>/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+install_openmmlab
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/card.txt"
 $PY -c 'import torch, triton, mmdet; print("torch", torch.__version__, "triton", triton.__version__, "mmdet", mmdet.__version__)' \
   >> "$OUT/card.txt" 2>&1

@@ -17,16 +17,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export MAMBA_SCAN_SRC=${MAMBA_SDIST:-.whl_src/mamba_ssm-2.3.2.post1.tar.gz} MAMBA_SCAN_BUILD_DIR=/tmp/mamba_scan_build
 LOG=$OUT/log.txt
-left() { echo $(( BUDGET_S - (SECONDS - START) )); }
-run() {  # run NAME SECONDS COMMAND...: logged, bounded by SECONDS and by the time left
-  local name=$1 limit=$2
-  shift 2
-  [ "$limit" -gt "$(left)" ] && limit=$(left)
-  if [ "$limit" -lt 20 ]; then echo "=== $name skipped: out of time" | tee -a "$LOG"; return; fi
-  echo "=== $name (limit ${limit}s, at $(( SECONDS - START ))s)" | tee -a "$LOG"
-  timeout "$limit" "$@" >> "$LOG" 2>&1
-  echo "=== $name rc=$? after $(( SECONDS - START ))s" | tee -a "$LOG"
-}
+source scripts/device_lib.sh
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/card.txt"
 $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' >> "$OUT/card.txt"

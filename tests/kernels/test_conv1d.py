@@ -9,10 +9,6 @@ ValueErrors, the dispatch, autocast, and an sm_90a compile of both kernels in a 
 misses GPU-only errors).
 """
 import math
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,9 +16,8 @@ import torch.nn.functional as F
 from kernels.conv1d import (ConvConfig, depthwise_conv1d_silu, depthwise_conv1d_silu_ref,
                             depthwise_conv1d_silu_triton)
 from kernels.conv1d import interface
-from tools.scan_compile_report import _bin
+from tests.kernels.compile_child import compiled_lines, needs_ptxas
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 # small tiles: at dim 33 / L 130 three channel blocks (the last of one channel) and 3 (forward) or 5 (backward)
 # time tiles; the backward's two program columns walk 3 tiles each, the last one wholly past L
@@ -225,17 +220,12 @@ for K, R, dtype in ((4, 2, 'bf16'), (4, 1, 'bf16'), (3, 2, 'fp32')):
 '''
 
 
-@pytest.mark.skipif(not os.path.exists(_bin('ptxas')), reason="triton's CUDA backend has no ptxas here")
+@needs_ptxas
 def test_kernels_compile_for_sm90():
     """Both kernels at the shipped launch shapes (dim 384, L 4096): they compile, fit the register file and
     do not spill."""
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
-    res = subprocess.run([sys.executable, '-c', CHILD], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    lines = [line.split() for line in res.stdout.splitlines() if line.startswith('compiled')]
-    assert len(lines) == 6, res.stdout
+    lines, stdout = compiled_lines(CHILD)
+    assert len(lines) == 6, stdout
     for line in lines:
         regs, spill_st, spill_ld = map(int, line[-3:])
         assert 0 < regs <= 255 and spill_st == spill_ld == 0, line

@@ -7,18 +7,13 @@ allocated buffers are NaN, so an element or a d weight partial that a kernel for
 check. C = 192 at L = 130 spans several token blocks with a short last one; `small_tiles` forces that for the
 other widths. Races, bf16 rounding on the card and CUDA-graph capture are left to tests/gpu/test_rmsnorm_gpu.py.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kernels.rmsnorm import add_rms_norm, add_rms_norm_ref, add_rms_norm_triton, interface
-from tools.scan_compile_report import _bin
+from tests.kernels.compile_child import compiled_lines, needs_ptxas
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIGHT = dict(rtol=1e-5, atol=1e-5)
 LOOSE = dict(rtol=2e-2, atol=2e-2)  # bf16 outputs: one rounding each, which may land one ulp apart
 
@@ -240,16 +235,11 @@ for kernel, variants in ((add_rms_norm_fwd_kernel, fwd), (add_rms_norm_bwd_kerne
 '''
 
 
-@pytest.mark.skipif(not os.path.exists(_bin('ptxas')), reason="triton's CUDA backend has no ptxas here")
+@needs_ptxas
 def test_kernels_compile_for_sm90():
     """Both kernels through Triton's CUDA backend and ptxas for sm_90a (the interpreter misses what only the
     compiler rejects), at the shipped launch shape for C = 192, L = 4096: no register spills."""
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
-    res = subprocess.run([sys.executable, '-c', CHILD], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    lines = [line.split() for line in res.stdout.splitlines() if line.startswith('compiled')]
-    assert len(lines) == 4, res.stdout
+    lines, stdout = compiled_lines(CHILD)
+    assert len(lines) == 4, stdout
     for _, name, regs, spill_st, spill_ld in lines:
-        assert 0 < int(regs) <= 255 and spill_st == spill_ld == '0', res.stdout
+        assert 0 < int(regs) <= 255 and spill_st == spill_ld == '0', stdout

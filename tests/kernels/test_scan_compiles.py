@@ -7,16 +7,10 @@ other code (reverse, constant B/C, the deterministic backward, d last_state, two
 through Triton's CUDA backend and the ptxas it ships (tools/scan_compile_report.py). It runs in a child process:
 under TRITON_INTERPRET=1 (set for the whole suite on CPU) @triton.jit functions cannot be compiled.
 """
-import os
-import subprocess
-import sys
-
-import pytest
 
 from kernels.discretization import RULES
-from tools.scan_compile_report import _bin
+from tests.kernels.compile_child import compiled_lines, needs_ptxas
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHILD = r'''
 import sys
 from kernels.scan.interface import ScanConfig, _launch, _tile_l
@@ -38,15 +32,9 @@ for name, variant in (('reverse-constantBC-fp32', dict(reverse=True, variable_bc
         print('compiled', name, backward, resources(k)[0], flush=True)
 '''
 
-
-@pytest.mark.skipif(not os.path.exists(_bin('ptxas')), reason="triton's CUDA backend has no ptxas here")
+@needs_ptxas
 def test_kernels_compile_for_sm90():
     rules = sorted(RULES) + ['euler']
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
-    res = subprocess.run([sys.executable, '-c', CHILD, *rules], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    lines = [line.split() for line in res.stdout.splitlines() if line.startswith('compiled')]
-    assert len(lines) == 2 * len(rules) + 8, res.stdout
-    assert all(0 < int(line[-1]) <= 255 for line in lines), res.stdout  # registers per thread, from ptxas
+    lines, stdout = compiled_lines(CHILD, *rules)
+    assert len(lines) == 2 * len(rules) + 8, stdout
+    assert all(0 < int(line[-1]) <= 255 for line in lines), stdout  # registers per thread, from ptxas

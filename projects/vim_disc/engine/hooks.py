@@ -276,7 +276,10 @@ def summarize_direction(delta: torch.Tensor, A: torch.Tensor, discretizer,
     if flat.numel() > (1 << 24):  # kthvalue on a strided sample beyond 16M values: p99 stays accurate
         flat = flat[::math.ceil(flat.numel() / (1 << 24))]
     k = max(1, math.ceil(0.99 * flat.numel()))
-    out = dict(delta_mean=delta.mean(), delta_p99=flat.kthvalue(k).values, delta_max=delta.amax())
+    # the k-th smallest, exactly. CUDA's kthvalue runs one slice in one thread block: ~20x slower than a full
+    # sort (pytorch #75599), and it was most of a recording step's 0.8 s on the H200 (docs/performance.md)
+    p99 = flat.sort().values[k - 1] if flat.is_cuda else flat.kthvalue(k).values
+    out = dict(delta_mean=delta.mean(), delta_p99=p99, delta_max=delta.amax())
     z_stable = getattr(discretizer, 'z_stable', None)
     clamp = getattr(discretizer, 'clamp_z', None)
     z_min = torch.full((), math.inf, device=delta.device)

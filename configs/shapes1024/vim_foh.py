@@ -1,0 +1,22 @@
+# Vim-T Cascade Mask R-CNN, first-order hold, on the shapes data at 1024 px for one GPU: configs/vim_foh.py unchanged
+# (rule, ssm_cfg, clip_grad, the whole COCO recipe) with the changes of ./_base_.py, put in place by the block below
+# (the same in every rule file: mmengine refuses a key in two bases, see ./_base_.py).
+_base_ = ['../vim_foh.py', './_base_.py']
+
+model = dict(
+    backbone=_base_.shapes_backbone,
+    roi_head=dict(
+        bbox_head=[dict(stage, num_classes=_base_.shapes_num_classes) for stage in _base_.model.roi_head.bbox_head],
+        mask_head=dict(num_classes=_base_.shapes_num_classes)))
+train_dataloader = _base_.shapes_train_dataloader
+val_dataloader = test_dataloader = _base_.shapes_val_dataloader
+val_evaluator = test_evaluator = _base_.shapes_evaluator
+train_cfg = _base_.shapes_train_cfg
+param_scheduler = _base_.shapes_param_scheduler
+# linear lr scaling from the recipe's batch (docs/recipe.md): 1e-4 x 2 / 64 at the default batch
+optim_wrapper = dict(
+    _base_.shapes_optim_wrapper,
+    optimizer=dict(lr=_base_.optim_wrapper.optimizer.lr * _base_.shapes_batch_size
+                   / _base_.auto_scale_lr.base_batch_size))
+default_hooks = _base_.shapes_default_hooks
+log_processor = _base_.shapes_log_processor

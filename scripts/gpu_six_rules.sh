@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# One device call (< 10 min) of the six-rules run (issue 13; docs/analysis.md "Six rules on one GPU"): the OpenMMLab
+# wheels when mmdet is missing; the shapes dataset (data/shapes1024, the configs' generator arguments) generated
+# while each rule's Triton kernels compile at the training shapes, all in the background; then
+# tools/analysis/six_rules_gpu.py for PART (nominal: the configs' lr; stress: 4x it) and RULES, within BUDGET_S.
+# OUT_DIR gets 4 files (the device tool brings back 8 at most): six_rules_<PART>.json, six_rules_<PART>.png,
+# log.txt and card.txt.
+#
+#   [PART=nominal|stress] [RULES="zoh foh ..."] [ITERS=300] [PARALLEL=1] [BUDGET_S=560] \
+#       [CFG_OPTIONS="key=value ..."] scripts/gpu_six_rules.sh OUT_DIR
+#
+# At ~2.5 min per rule and run (300 iterations at 1024 px, batch 2, bf16), one call holds 3 rules sequentially:
+# the 12 runs are 4 calls, e.g. PART=nominal RULES="zoh foh bilinear", then "poly highorder rk4", then the same
+# two with PART=stress. PARALLEL=3 trains three rules at a time on the card (fewer calls; each rule's s/iter is
+# then measured while sharing it). Rules a call did not reach are in its JSON as not_run. Join the calls' JSONs
+# afterwards, on any machine:
+#   python tools/analysis/six_rules_gpu.py --merge A/six_rules_nominal.json B/six_rules_nominal.json \
+#       C/six_rules_stress.json ... --out-json six_rules.json --out-png six_rules.png
+#
+# Needs the OpenMMLab wheels in .whl/ (../shared/wheels, see its README) on a machine without them.
+set -uo pipefail
+OUT=${1:?usage: scripts/gpu_six_rules.sh OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+START=$SECONDS
+BUDGET_S=${BUDGET_S:-560}
+PART=${PART:-nominal}
+RULES=${RULES:-zoh foh bilinear poly highorder rk4}
+ITERS=${ITERS:-}
+PARALLEL=${PARALLEL:-1}
+CFG_OPTIONS=${CFG_OPTIONS:-}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+LOG=$OUT/log.txt
+case $PART in
+  nominal) STRESS= ;;
+  stress) STRESS=--stress ;;
+  *) echo "PART must be nominal or stress, got $PART" >&2; exit 2 ;;
+esac
+
+if ! $PY -c 'import mmdet, mmcv.ops' 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/card.txt"
+$PY -c 'import torch, triton, mmdet; print("torch", torch.__version__, "triton", triton.__version__, "mmdet", mmdet.__version__)' \
+  >> "$OUT/card.txt" 2>&1
+cat "$OUT/card.txt" | tee -a "$LOG"
+echo "=== PART=$PART RULES=\"$RULES\" ITERS=${ITERS:-config} PARALLEL=$PARALLEL BUDGET_S=$BUDGET_S" | tee -a "$LOG"
+
+# the dataset every rule reads (one process builds it; a rule that starts earlier waits on its lock)
+$PY - > /tmp/six_rules_data.txt 2>&1 <<'PY' &
+import sys, time
+sys.path.insert(0, '.')
+from mmengine.config import Config
+from projects.vim_disc.datasets.shapes import generate_shapes_dataset
+t0 = time.time()
+ds = Config.fromfile('configs/shapes1024/vim_zoh.py').train_dataloader.dataset
+info = generate_shapes_dataset(ds.data_root, **{k: ds[k] for k in ('seed', 'num_train', 'num_val', 'min_size', 'max_size')})
+print('dataset', ds.data_root, 'built' if info['generated'] else 'already there', 'in', round(time.time() - t0, 1), 's')
+PY
+# Triton compiles each rule's kernels once (cached on disk) at the training shapes: Vim-T width, 1024 px, batch 2,
+# bf16 autocast, forward + backward
+for rule in $RULES; do
+  $PY - "$rule" > "/tmp/six_rules_compile_$rule.txt" 2>&1 <<'PY' &
+import sys, time, torch
+sys.path.insert(0, '.')
+from mmengine.config import Config
+from projects.vim_disc.models import VimBackbone
+rule = sys.argv[1]
+t0 = time.time()
+cfg = Config.fromfile(f'configs/shapes1024/vim_{rule}.py')
+b = cfg.model.backbone
+m = VimBackbone(arch=dict(embed_dims=b.arch.embed_dims, depth=1), img_size=b.img_size, discretization=rule,
+                ssm_cfg=dict(b.ssm_cfg), cuda_graph=False).cuda()
+x = torch.randn(cfg.train_dataloader.batch_size, 3, b.img_size, b.img_size, device='cuda')
+with torch.autocast('cuda', dtype=torch.bfloat16):
+    out = m.train()(x)[0]
+out.float().square().mean().backward()
+torch.cuda.synchronize()
+print(rule, 'compiled in', round(time.time() - t0, 1), 's')
+PY
+done
+wait
+cat /tmp/six_rules_data.txt /tmp/six_rules_compile_*.txt | grep -v "^\s*$" | tail -n 30 | tee -a "$LOG"
+
+LEFT=$(( BUDGET_S - (SECONDS - START) ))
+echo "=== six_rules_gpu.py at $(( SECONDS - START ))s, ${LEFT}s left" | tee -a "$LOG"
+# shellcheck disable=SC2086  # RULES and CFG_OPTIONS are word lists
+$PY tools/analysis/six_rules_gpu.py --rules $RULES ${ITERS:+--iters "$ITERS"} $STRESS --parallel "$PARALLEL" \
+  --work-dir work_dirs/six_rules --out-json "$OUT/six_rules_$PART.json" --time-budget "$LEFT" \
+  ${CFG_OPTIONS:+--cfg-options $CFG_OPTIONS} >> "$LOG" 2>&1
+rc=$?
+echo "=== six_rules_gpu.py rc=$rc after $(( SECONDS - START ))s" | tee -a "$LOG"
+grep -h "^\[six_rules\]" "$LOG" | grep -v "\-\-train-one" | tail -n 12
+ls "$OUT"
+exit $rc
