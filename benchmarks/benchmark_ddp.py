@@ -7,8 +7,8 @@ CONFIG defaults to ``configs/shapes1024/vim_zoh.py``. Every run is the real tool
 or ``tools/train.py`` for one process) on a config derived from CONFIG and dumped into its work dir: batch 1 per
 process, the sampler's seed fixed, a constant learning rate (the config's base lr: a warm-up would leave the
 weights almost where they started and make every comparison trivially equal), no validation, a log line per
-iteration and one checkpoint at the end. Three test-side hooks (below; the training processes import this file
-through ``custom_imports``) write one JSON line per rank and iteration (losses, image ids, the guard's skip
+iteration and one checkpoint at the end. Three test-side hooks (``ddp_check_hooks.py``, which the training
+processes import through ``custom_imports``) write one JSON line per rank and iteration (losses, image ids, the guard's skip
 counters, a fingerprint of the weights, the log's time per iteration), re-seed every RNG at each iteration
 boundary from the position of the iteration's first sample in the global stream, and signal one rank.
 
@@ -28,7 +28,8 @@ equivalence  ``ddp`` against ``single``: 1 process, batch 1, ``accumulative_coun
              weights (max abs, max abs over max |w|, and drift = |w_ddp - w_single| / |w_single - w_init|).
 guard        ``guard``: 2 ranks, a NaN loss on rank 1 at iteration ``--nan-iter`` (the optimizer wrapper's own
              ``inject_nonfinite`` switch): that update skipped on both ranks (weights unchanged there, changed at
-             every other iteration), both ranks' skip counters 1 with ``loss_ranks == [1]``, the run finishes.
+             every other iteration but a loss-scale overflow's), both ranks' skip counters 1 with
+             ``loss_ranks == [1]``, the replicas equal, finite losses after it, the run finishes.
 resume       ``stop``: 2 ranks, SIGUSR1 to rank 1 after iteration N/2 (the PreemptionHook checkpoints at the
              boundary both ranks agree on and stops); ``resume``: ``--resume`` to N. Its final weights and its
              losses of iterations N/2+1..N against ``ddp``'s.
@@ -37,19 +38,17 @@ throughput   images/s on 1 process (``single``) and 2 (``ddp``), from the traini
              1 per GPU; ``single``'s iterations alternate backward-only and backward+step (accumulation).
 
 Every wait has a timeout (each run: ``--run-timeout``, all together: ``--budget-s``; a run that exceeds it is
-killed with its process group and reported as hung); collectives get ``env_cfg.dist_cfg.timeout``. NVLink
+killed with every process under it and reported as hung); collectives get ``env_cfg.dist_cfg.timeout``. NVLink
 multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1). Writes one
 JSON (``--out``) and prints a table last. ``--reference-cfg-options`` changes the ``single`` run only (a negative
 control: e.g. another sampler seed must fail the equivalence).
 """
 import argparse
 import glob
-import hashlib
 import json
 import math
 import os
 import os.path as osp
-import random
 import signal
 import socket
 import subprocess
@@ -61,146 +60,15 @@ from _bootstrap import setup_repo_path
 REPO_ROOT = setup_repo_path()
 BENCH_DIR = osp.dirname(osp.abspath(__file__))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
-from mmengine.dist import get_dist_info  # noqa: E402
-from mmengine.hooks import Hook  # noqa: E402
-from mmengine.model import is_model_wrapper  # noqa: E402
 
-from mmdet.registry import HOOKS  # noqa: E402
-from projects.vim_disc.engine.optim_wrapper import SKIPS_TOTAL  # noqa: E402
+from ddp_verdicts import (compare_weights, throughput, verdict_equivalence, verdict_guard, verdict_launch,  # noqa: E402,F401
+                          verdict_resume)
 
 DEFAULT_CONFIG = 'configs/shapes1024/vim_zoh.py'
-MODULE = 'benchmark_ddp'  # how the training processes import this file (benchmarks/ on their PYTHONPATH)
+MODULE = 'ddp_check_hooks'  # the test-side hooks the training processes import (benchmarks/ on their PYTHONPATH)
 NO_MULTICAST = dict(NCCL_NVLS_ENABLE='0', TORCH_SYMM_MEM_DISABLE_MULTICAST='1', NVSHMEM_DISABLE_NVLS='1')
-
-
-# ---------------------------------------------------------------------------------------------------
-# Test-side hooks (run inside the training processes)
-# ---------------------------------------------------------------------------------------------------
-def _unwrap(model):
-    return model.module if is_model_wrapper(model) else model
-
-
-def weight_fingerprint(model) -> tuple:
-    """(digest, norm) of all parameters: per-tensor norms in one multi-tensor launch, hashed.
-
-    Equal digests: the same weights (an update moves some norm); cheap enough for every iteration.
-    """
-    params = [p.detach() for p in _unwrap(model).parameters()]
-    norms = torch.stack(torch._foreach_norm(params)).double().cpu()
-    return hashlib.sha1(norms.numpy().tobytes()).hexdigest()[:16], float(norms.square().sum().sqrt())
-
-
-def _sample_ids(data_batch) -> list:
-    samples = data_batch.get('data_samples', []) if isinstance(data_batch, dict) else []
-    ids = []
-    for s in samples:
-        meta = getattr(s, 'metainfo', {})
-        ids.append(meta.get('img_id', meta.get('img_path', meta.get('sample_idx'))))
-    return ids
-
-
-@HOOKS.register_module(force=True)
-class DDPCheckRecordHook(Hook):
-    """One JSON line per rank and iteration into ``path.format(rank=...)``; rank 0 saves the initial weights."""
-
-    priority = 'LOWEST'
-
-    def __init__(self, path: str, save_init: str = ''):
-        self.path = path
-        self.save_init = save_init
-        self._file = None
-
-    def _write(self, row: dict) -> None:
-        self._file.write(json.dumps(row) + '\n')
-        self._file.flush()
-
-    def before_train(self, runner) -> None:
-        rank, world_size = get_dist_info()
-        self._file = open(self.path.format(rank=rank), 'a')
-        model = _unwrap(runner.model)
-        device = next(model.parameters()).device
-        ow = runner.optim_wrapper
-        digest, norm = weight_fingerprint(model)
-        self._write(dict(
-            event='start', rank=rank, world_size=world_size, iter=runner.iter, device=str(device),
-            card=torch.cuda.get_device_name(device) if device.type == 'cuda' else None, torch=torch.__version__,
-            backend=torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
-            wrapper=type(runner.model).__name__, optim_wrapper=type(ow).__name__,
-            amp_dtype=str(getattr(ow, 'cast_dtype', None)), accumulate=getattr(ow, '_accumulative_counts', 1),
-            fingerprint=digest, norm=norm))
-        if self.save_init and rank == 0 and runner.iter == 0:
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, self.save_init)
-
-    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-        hub, ow = runner.message_hub, runner.optim_wrapper
-        digest, norm = weight_fingerprint(runner.model)
-        row = dict(event='iter', iter=runner.iter + 1, ids=_sample_ids(data_batch),
-                   losses={k: float(v) for k, v in (outputs or {}).items()},
-                   time=hub.get_scalar('train/time').current() if 'train/time' in hub.log_scalars else None,
-                   data_time=(hub.get_scalar('train/data_time').current()
-                              if 'train/data_time' in hub.log_scalars else None),
-                   skips=hub.get_info(SKIPS_TOTAL), skipped=getattr(ow, 'last_step_skipped', None),
-                   last_skip=getattr(ow, 'last_skip', None), fingerprint=digest, norm=norm)
-        self._write(row)
-
-    def after_train(self, runner) -> None:
-        graphs = None
-        backbone = getattr(_unwrap(runner.model), 'backbone', None)
-        if getattr(backbone, 'cuda_graph', False):
-            from projects.vim_disc.models.cuda_graph import cuda_graph_state
-            st = cuda_graph_state(backbone)
-            graphs = dict(captures=st.captures, replays=st.replays, eager_calls=st.eager_calls, disabled=st.disabled)
-        self._write(dict(event='end', iter=runner.iter, cuda_graph=graphs))
-        self._file.close()
-
-
-@HOOKS.register_module(force=True)
-class DDPCheckSeedHook(Hook):
-    """At every iteration boundary, seed random / numpy / torch (CPU and CUDA) from the stream position of the
-    iteration's first sample on this rank (``rank + iter * world_size * batch_size``, the sampler's sharding).
-
-    Runs last (after the RNG restore of a resume and before the next batch is loaded), so that a sample's
-    augmentation in the main process and the model's draws (RoI samplers, DropPath) depend on the sample alone,
-    not on how many samples this process saw before: what makes 2 x 1 comparable with 1 x 2.
-    """
-
-    priority = 'LOWEST'
-
-    def __init__(self, seed: int = 0, batch_size: int = 1):
-        self.seed = seed
-        self.batch_size = batch_size
-
-    def _seed_for(self, it: int) -> None:
-        from projects.vim_disc.engine.sampler import stream_sample_seed
-        rank, world_size = get_dist_info()
-        s = stream_sample_seed(self.seed, rank + it * world_size * self.batch_size)
-        random.seed(s)
-        np.random.seed(s & 0xFFFFFFFF)
-        torch.manual_seed(s)  # every CUDA device too
-
-    def before_train(self, runner) -> None:
-        self._seed_for(runner.iter)
-
-    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-        self._seed_for(runner.iter + 1)
-
-
-@HOOKS.register_module(force=True)
-class DDPCheckSignalHook(Hook):
-    """Send ``signum`` to this process on ``rank`` after iteration ``after_iter`` (1-based); priority VERY_LOW, so
-    the PreemptionHook (LOWEST) of the same iteration already sees it and stops there."""
-
-    priority = 'VERY_LOW'
-
-    def __init__(self, rank: int = 1, after_iter: int = 1, signum: int = int(signal.SIGUSR1)):
-        self.rank, self.after_iter, self.signum = rank, after_iter, signum
-
-    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-        if runner.iter + 1 == self.after_iter and get_dist_info()[0] == self.rank:
-            os.kill(os.getpid(), self.signum)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -253,15 +121,55 @@ def derive_config(args, name: str, work_dir: str, *, max_iters: int, accumulate:
     return path
 
 
-_RUNNING = []  # the process group being waited for: killed with it when this script is terminated
+_RUNNING = []  # the run being waited for: killed with all its processes when this script is terminated
+
+
+def descendants(pid: int) -> list:
+    """The live descendants of ``pid`` (from /proc, Linux)."""
+    children = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open(f'/proc/{entry}/stat') as f:
+                    ppid = int(f.read().rsplit(')', 1)[1].split()[1])  # "pid (comm) state ppid ..."
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_run(proc) -> None:
+    """SIGKILL the launcher and every process below it, by id. Its process group is not enough: torchrun starts
+    each rank in a session of its own, and the ranks take SIGTERM as a preemption notice (PreemptionHook).
+    The tree is frozen first (SIGSTOP, re-listed until it stops growing: a stopped process cannot fork a
+    dataloader worker that would escape the list), then killed while every process is still in it."""
+    frozen = set()
+    while True:
+        new = [pid for pid in [proc.pid] + descendants(proc.pid) if pid not in frozen]
+        if not new:
+            break
+        for pid in new:
+            _signal(pid, signal.SIGSTOP)
+        frozen.update(new)
+    for pid in frozen:
+        _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, signum) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def _kill_running_and_exit(signum, frame):
     for proc in _RUNNING:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_run(proc)
     sys.exit(128 + signum)
 
 
@@ -275,7 +183,7 @@ class Budget:
 
 def launch(args, name: str, world_size: int, cfg_path: str, work_dir: str, budget: Budget,
            resume: bool = False) -> dict:
-    """Run the tool; every wait bounded: a run past its timeout is killed with its whole process group."""
+    """Run the tool; every wait bounded: a run past its timeout is killed with all its processes."""
     limit = min(args.run_timeout, budget.left() - 5)
     run = dict(name=name, world_size=world_size, work_dir=work_dir)
     if limit < args.min_run_s:
@@ -306,7 +214,7 @@ def launch(args, name: str, world_size: int, cfg_path: str, work_dir: str, budge
         try:
             rc, hung = proc.wait(timeout=limit), False
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun, both ranks and their dataloader workers
+            kill_run(proc)  # torchrun, both ranks and their dataloader workers
             rc, hung = proc.wait(timeout=60), True
         finally:
             _RUNNING.remove(proc)
@@ -339,217 +247,6 @@ def load_weights(path: str) -> dict:
     from projects.vim_disc.engine import load_checkpoint_safely
     ckpt = load_checkpoint_safely(path, map_location='cpu')
     return ckpt.get('state_dict', ckpt)
-
-
-def compare_weights(a: dict, b: dict, init: dict = None) -> dict:
-    """max |a - b|, that over max |b|, and the drift |a - b| / |b - init| (L2 over all floating tensors)."""
-    keys = [k for k in b if torch.is_floating_point(b[k])]
-    if sorted(keys) != sorted(k for k in a if torch.is_floating_point(a[k])):
-        return dict(same_keys=False)
-    diff2 = move2 = 0.0
-    max_abs = max_ref = 0.0
-    for k in keys:
-        d = (a[k].double() - b[k].double())
-        max_abs = max(max_abs, float(d.abs().max()) if d.numel() else 0.0)
-        max_ref = max(max_ref, float(b[k].double().abs().max()) if d.numel() else 0.0)
-        diff2 += float(d.square().sum())
-        if init is not None:
-            move2 += float((b[k].double() - init[k].double()).square().sum())
-    out = dict(same_keys=True, max_abs=max_abs, max_rel=max_abs / max_ref if max_ref else math.inf)
-    if init is not None:
-        out['movement'] = math.sqrt(move2)
-        out['drift'] = math.sqrt(diff2) / math.sqrt(move2) if move2 else math.inf
-    return out
-
-
-def compare_losses(pairs) -> dict:
-    """pairs: (iteration, a, b) total losses; max abs, max rel (|a - b| / |b|) and the max rel per iteration."""
-    if not pairs:
-        return dict(n=0, max_abs=None, max_rel=None, max_rel_by_iter={})
-    rel = [(i, 0.0 if a == b else abs(a - b) / abs(b) if b and math.isfinite(a - b) else math.inf)
-           for i, a, b in pairs]
-    by_iter = {}
-    for i, r in rel:
-        by_iter[i] = max(by_iter.get(i, 0.0), r)
-    abs_d = [abs(a - b) if math.isfinite(a - b) else math.inf for _, a, b in pairs]
-    return dict(n=len(pairs), max_abs=max(abs_d), max_rel=max(r for _, r in rel),
-                all_finite=all(math.isfinite(a) and math.isfinite(b) for _, a, b in pairs),
-                max_rel_by_iter=by_iter)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Verdicts: pure functions of records, checkpoints and run results (tested on mutated inputs)
-# ---------------------------------------------------------------------------------------------------
-def _failed_run(run) -> str:
-    if run is None:
-        return 'not run'
-    if run.get('skipped'):
-        return run['skipped']
-    if run.get('hung'):
-        return f"{run['name']} hung: killed after {run['timeout_s']:.0f} s"
-    if run.get('rc') != 0:
-        return f"{run['name']} exited with {run['rc']} (see {run.get('log')})"
-    return ''
-
-
-def _replicas_equal(recs) -> list:
-    """Iterations at which the ranks' weight fingerprints differ."""
-    its = sorted(set.intersection(*(set(r['iters']) for r in recs)))
-    return [i for i in its if len({r['iters'][i]['fingerprint'] for r in recs}) > 1]
-
-
-def verdict_launch(run, recs, iters: int, checkpoints: list, logged_iters: list) -> dict:
-    problems = []
-    why = _failed_run(run)
-    if why:
-        problems.append(why)
-    for r, rec in enumerate(recs):
-        missing = [i for i in range(1, iters + 1) if i not in rec['iters']]
-        if missing:
-            problems.append(f'rank {r} recorded no iteration {missing[:5]}')
-        bad = [i for i, row in rec['iters'].items() if not math.isfinite(row['losses'].get('loss', math.nan))]
-        if bad:
-            problems.append(f'rank {r}: non-finite loss at iterations {bad[:5]}')
-        if rec['end'] is None:
-            problems.append(f'rank {r} did not finish')
-    if sorted(logged_iters) != list(range(1, iters + 1)):
-        problems.append(f"rank 0's log has iterations {sorted(logged_iters)[:3]}..., not 1..{iters}")
-    names = sorted(osp.basename(c) for c in checkpoints)
-    if names != [f'iter_{iters}.pth']:
-        problems.append(f'checkpoints {names}, expected exactly iter_{iters}.pth')
-    apart = _replicas_equal(recs) if all(rec['iters'] for rec in recs) else []
-    if apart:
-        problems.append(f'the replicas differ after iterations {apart[:5]}')
-    start = recs[0]['start'] or {}
-    return dict(passed=not problems, problems=problems, checkpoints=names, world_size=start.get('world_size'),
-                backend=start.get('backend'), wrapper=start.get('wrapper'), amp_dtype=start.get('amp_dtype'),
-                device=start.get('device'), cuda_graph=[(rec['end'] or {}).get('cuda_graph') for rec in recs],
-                iters_recorded=[len(rec['iters']) for rec in recs])
-
-
-def verdict_equivalence(ddp_recs, single_recs, ddp_w: dict, single_w: dict, init_w: dict, ddp_run, single_run,
-                        iters: int, loss_rtol: float, weight_rtol: float) -> dict:
-    """ddp rank r, iteration i (1-based) <-> single iteration 2(i - 1) + r + 1."""
-    problems = [p for p in (_failed_run(ddp_run), _failed_run(single_run)) if p]
-    pairs, id_mismatch, per_term = [], [], {}
-    for i in range(1, iters + 1):
-        for r, rec in enumerate(ddp_recs):
-            a, b = rec['iters'].get(i), single_recs[0]['iters'].get(2 * (i - 1) + r + 1)
-            if a is None or b is None:
-                continue
-            if a['ids'] != b['ids']:
-                id_mismatch.append((i, r, a['ids'], b['ids']))
-            pairs.append((i, a['losses']['loss'], b['losses']['loss']))
-            for k, v in a['losses'].items():
-                if k in b['losses']:
-                    per_term[k] = max(per_term.get(k, 0.0), abs(v - b['losses'][k]))
-    if not problems and len(pairs) != 2 * iters:
-        problems.append(f'{len(pairs)} of {2 * iters} per-sample losses recorded')
-    if id_mismatch:
-        i, r, a, b = id_mismatch[0]
-        problems.append(f'different samples: ddp rank {r} iter {i} saw {a}, single iter {2 * (i - 1) + r + 1} '
-                        f'saw {b} ({len(id_mismatch)} mismatches)')
-    start_d, start_s = ddp_recs[0]['start'] or {}, single_recs[0]['start'] or {}
-    same_init = start_d.get('fingerprint') is not None and start_d.get('fingerprint') == start_s.get('fingerprint')
-    if not same_init and not problems:
-        problems.append('different initial weights')
-    losses = compare_losses(pairs)
-    if losses['n'] and not losses['max_rel'] <= loss_rtol:
-        problems.append(f"per-sample losses differ by up to {losses['max_rel']:.3g} (rel) > {loss_rtol:g}")
-    weights = compare_weights(ddp_w, single_w, init_w) if ddp_w is not None and single_w is not None else None
-    if weights is None:
-        if not problems:
-            problems.append('final weights missing')
-    elif not weights.get('same_keys'):
-        problems.append('the two final checkpoints hold different parameters')
-    elif not weights['drift'] <= weight_rtol:
-        problems.append(f"final weights drift {weights['drift']:.3g} of the training movement > {weight_rtol:g}")
-    return dict(passed=not problems, problems=problems, same_initial_weights=same_init, losses=losses,
-                max_abs_per_loss_term=per_term, weights=weights, loss_rtol=loss_rtol, weight_rtol=weight_rtol,
-                samples_compared=len(pairs), sample_id_mismatches=len(id_mismatch))
-
-
-def verdict_guard(run, recs, iters: int, nan_iter: int, nan_rank: int = 1) -> dict:
-    problems = []
-    why = _failed_run(run)
-    if why:
-        problems.append(why)
-    per_rank = []
-    for r, rec in enumerate(recs):
-        its = rec['iters']
-        if sorted(its) != list(range(1, iters + 1)):
-            problems.append(f'rank {r} recorded iterations {sorted(its)[:3]}..., not 1..{iters}')
-            per_rank.append(None)
-            continue
-        prev = {i: (its[i - 1]['fingerprint'] if i > 1 else rec['start']['fingerprint']) for i in its}
-        unchanged = [i for i in its if its[i]['fingerprint'] == prev[i]]
-        skipped = [i for i in its if its[i]['skipped']]
-        last = its[iters]
-        info = dict(skips_total=last['skips'], skipped_iters=skipped, unchanged_iters=unchanged,
-                    last_skip=its[nan_iter].get('last_skip'))
-        per_rank.append(info)
-        if unchanged != [nan_iter]:
-            problems.append(f'rank {r}: weights unchanged at iterations {unchanged}, expected exactly [{nan_iter}]')
-        if skipped != [nan_iter]:
-            problems.append(f'rank {r}: skipped updates at {skipped}, expected [{nan_iter}]')
-        if last['skips'] != 1:
-            problems.append(f"rank {r}: skip counter {last['skips']}, expected 1")
-        loss_ranks = (info['last_skip'] or {}).get('loss_ranks')
-        if loss_ranks != [nan_rank]:
-            problems.append(f'rank {r}: the skip names loss ranks {loss_ranks}, expected [{nan_rank}]')
-        after = [i for i in its if i > nan_iter and not math.isfinite(its[i]['losses'].get('loss', math.nan))]
-        if after:
-            problems.append(f'rank {r}: non-finite losses after the skip at {after}')
-    if all(per_rank) and len({p['skips_total'] for p in per_rank}) > 1:
-        problems.append(f"skip counters disagree across ranks: {[p['skips_total'] for p in per_rank]}")
-    if all(rec['iters'] for rec in recs):
-        apart = _replicas_equal(recs)
-        if apart:
-            problems.append(f'the replicas differ after iterations {apart[:5]}')
-    return dict(passed=not problems, problems=problems, nan_iter=nan_iter, nan_rank=nan_rank, iters=iters,
-                per_rank=per_rank)
-
-
-def verdict_resume(stop_run, resume_run, stop_recs, resume_recs, ddp_recs, stop_at: int, iters: int,
-                   stop_ckpts: list, resumed_w: dict, ddp_w: dict, init_w: dict, weight_rtol: float,
-                   loss_rtol: float) -> dict:
-    problems = [p for p in (_failed_run(stop_run), _failed_run(resume_run)) if p]
-    for r, rec in enumerate(stop_recs):
-        if rec['iters'] and max(rec['iters']) != stop_at:
-            problems.append(f"rank {r} of the stopped run ended at iteration {max(rec['iters'])}, not {stop_at}")
-    if f'iter_{stop_at}.pth' not in [osp.basename(c) for c in stop_ckpts]:
-        problems.append(f'no checkpoint iter_{stop_at}.pth from the stop')
-    pairs = []
-    for r, rec in enumerate(resume_recs):
-        if rec['start'] and rec['start']['iter'] != stop_at:
-            problems.append(f"rank {r} resumed at iteration {rec['start']['iter']}, not {stop_at}")
-        if sorted(rec['iters']) != list(range(stop_at + 1, iters + 1)):
-            problems.append(f'rank {r} of the resumed run recorded {sorted(rec["iters"])[:3]}..., '
-                            f'not {stop_at + 1}..{iters}')
-        for i, row in rec['iters'].items():
-            ref = ddp_recs[r]['iters'].get(i)
-            if ref is not None:
-                pairs.append((i, row['losses']['loss'], ref['losses']['loss']))
-    losses = compare_losses(pairs)
-    if losses['n'] and not losses['max_rel'] <= loss_rtol:
-        problems.append(f"losses after the resume differ by up to {losses['max_rel']:.3g} (rel) > {loss_rtol:g}")
-    weights = compare_weights(resumed_w, ddp_w, init_w) if resumed_w is not None and ddp_w is not None else None
-    if weights is None:
-        if not problems:
-            problems.append('final weights missing')
-    elif not weights.get('same_keys') or not weights['drift'] <= weight_rtol:
-        problems.append(f"final weights drift {weights.get('drift')} of the training movement > {weight_rtol:g}")
-    return dict(passed=not problems, problems=problems, stopped_at=stop_at, losses=losses, weights=weights,
-                weight_rtol=weight_rtol, loss_rtol=loss_rtol)
-
-
-def throughput(recs, warmup: int, world_size: int, batch_size: int = 1) -> dict:
-    """images/s from the log's per-iteration time after ``warmup`` iterations (rank 0)."""
-    times = [row['time'] for i, row in sorted(recs[0]['iters'].items()) if i > warmup and row['time'] is not None]
-    if not times:
-        return None
-    return dict(iters=len(times), s_per_iter_median=float(np.median(times)), s_per_iter_mean=float(np.mean(times)),
-                images_per_s=world_size * batch_size * len(times) / sum(times))
 
 
 # ---------------------------------------------------------------------------------------------------

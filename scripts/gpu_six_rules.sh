@@ -6,7 +6,7 @@
 # OUT_DIR gets 4 files (the device tool brings back 8 at most): six_rules_<PART>.json, six_rules_<PART>.png,
 # log.txt and card.txt.
 #
-#   [PART=nominal|stress] [RULES="zoh foh ..."] [ITERS=300] [PARALLEL=1] [BUDGET_S=560] \
+#   [PART=nominal|stress] [RULES="zoh foh ..."] [ITERS=300] [PARALLEL=1] [BUDGET_S=540] \
 #       [CFG_OPTIONS="key=value ..."] scripts/gpu_six_rules.sh OUT_DIR
 #
 # At ~2.5 min per rule and run (300 iterations at 1024 px, batch 2, bf16), one call holds 3 rules sequentially:
@@ -24,7 +24,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 START=$SECONDS
-BUDGET_S=${BUDGET_S:-560}
+BUDGET_S=${BUDGET_S:-540}
 PART=${PART:-nominal}
 RULES=${RULES:-zoh foh bilinear poly highorder rk4}
 ITERS=${ITERS:-}
@@ -33,16 +33,14 @@ CFG_OPTIONS=${CFG_OPTIONS:-}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 LOG=$OUT/log.txt
+source scripts/device_lib.sh
 case $PART in
   nominal) STRESS= ;;
   stress) STRESS=--stress ;;
   *) echo "PART must be nominal or stress, got $PART" >&2; exit 2 ;;
 esac
 
-if ! $PY -c 'import mmdet, mmcv.ops' 2>/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+install_openmmlab
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv > "$OUT/card.txt"
 $PY -c 'import torch, triton, mmdet; print("torch", torch.__version__, "triton", triton.__version__, "mmdet", mmdet.__version__)' \
   >> "$OUT/card.txt" 2>&1
@@ -85,7 +83,8 @@ done
 wait
 cat /tmp/six_rules_data.txt /tmp/six_rules_compile_*.txt | grep -v "^\s*$" | tail -n 30 | tee -a "$LOG"
 
-LEFT=$(( BUDGET_S - (SECONDS - START) ))
+LEFT=$(left)
+[ "$LEFT" -lt 1 ] && LEFT=1  # spent already: the runner then lists every rule as not_run
 echo "=== six_rules_gpu.py at $(( SECONDS - START ))s, ${LEFT}s left" | tee -a "$LOG"
 # shellcheck disable=SC2086  # RULES and CFG_OPTIONS are word lists
 $PY tools/analysis/six_rules_gpu.py --rules $RULES ${ITERS:+--iters "$ITERS"} $STRESS --parallel "$PARALLEL" \

@@ -1,6 +1,6 @@
-# Vim-T Cascade Mask R-CNN, bilinear (Tustin), on the shapes data at 1024 px for one GPU: configs/vim_bilinear.py unchanged
-# (rule, ssm_cfg, clip_grad, the whole COCO recipe) with the changes of ./_base_.py, put in place by the block below
-# (the same in every rule file: mmengine refuses a key in two bases, see ./_base_.py).
+# Vim-T Cascade Mask R-CNN, bilinear (Tustin), on the shapes data at 1024 px, sized for one GPU:
+# configs/vim_bilinear.py unchanged (rule, ssm_cfg, clip_grad, the whole COCO recipe) with the changes of ./_base_.py,
+# put in place by the block below (the same in every rule file: mmengine refuses a key in two bases, see ./_base_.py).
 _base_ = ['../vim_bilinear.py', './_base_.py']
 
 model = dict(

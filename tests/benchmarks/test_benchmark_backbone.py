@@ -151,7 +151,7 @@ SCRIPTS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(BENCHMARKS,
 
 def test_the_benchmarks_are_all_here():
     assert SCRIPTS == [f'benchmark_{n}.py' for n in
-                       ('backbone', 'cpu_scan', 'pipeline', 'polygon_crop', 'resume', 'scan', 'train')]
+                       ('backbone', 'cpu_scan', 'ddp', 'pipeline', 'polygon_crop', 'resume', 'scan', 'train')]
 
 
 @pytest.mark.parametrize('script', SCRIPTS)

@@ -41,6 +41,16 @@ def test_one_config_per_rule():
     assert names == sorted(f'vim_{rule}.py' for rule in six_rules.RULES)
 
 
+def test_rule_files_differ_only_in_their_rule():
+    def body(rule):  # from the _base_ line on, the rule's name blanked
+        with open(osp.join(ROOT, 'configs', 'shapes1024', f'vim_{rule}.py')) as f:
+            text = f.read()
+        return text[text.index('_base_ = '):].replace(f'vim_{rule}.py', 'vim_RULE.py')
+
+    assert len({body(rule) for rule in six_rules.RULES}) == 1
+    assert "_base_ = ['../vim_RULE.py', './_base_.py']" in body('zoh')
+
+
 @pytest.mark.parametrize('rule', six_rules.RULES)
 def test_inherits_the_rule_and_the_recipe_unchanged(rule):
     shapes, coco = load_pair(rule)
@@ -170,6 +180,14 @@ def test_prepare_config_for_a_stress_run_on_the_cpu(tmp_path):
     facts = six_rules.config_facts(cfg)
     assert facts['lr'] == pytest.approx(4e-5) and facts['discretization'] == 'rk4'
     assert facts['image_size'] == [1024, 1024] and facts['stage_loss_weights'] == [1.0, 0.5, 0.25]
+    assert 'TensorboardVisBackend' in [b['type'] for b in cfg.visualizer.vis_backends]  # installed here
+
+
+def test_a_machine_without_tensorboard_logs_locally_only(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)  # import fails as if not installed
+    cfg, notes = six_rules.prepare_config('zoh', str(tmp_path))
+    assert [b['type'] for b in cfg.visualizer.vis_backends] == ['LocalVisBackend']
+    assert any('TensorboardVisBackend dropped' in n for n in notes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -237,12 +255,15 @@ def test_report_merges_calls_and_draws_one_block_per_mode(tmp_path):
         report = six_rules.new_report(dict(device='toy', command=mode))
         for rule in rules:
             six_rules.add_record(report, mode, rule, dict(record, status='finished', bbox_mAP=0.5), iters=12)
+        if mode == 'stress':  # a rule the call had no time for: no curves at all
+            six_rules.add_record(report, mode, 'rk4', dict(rule='rk4', status='not_run', stop_reason='no time'))
         path = tmp_path / f'{mode}_{len(reports)}.json'
         six_rules.write_json(report, str(path))
         reports.append(six_rules.load_json(str(path)))
     merged = six_rules.merge_reports(reports)
     assert list(merged['runs']) == ['nominal', 'stress']
     assert list(merged['runs']['nominal']['rules']) == ['zoh', 'foh', 'rk4']  # the issue's order
+    assert list(merged['runs']['stress']['rules']) == ['zoh', 'rk4']
     assert merged['runs']['stress']['lr_factor'] == six_rules.STRESS_LR_FACTOR
     assert [m['command'] for m in merged['merged_from']] == ['nominal', 'nominal', 'stress']
 
@@ -261,11 +282,17 @@ def test_report_merges_calls_and_draws_one_block_per_mode(tmp_path):
         assert ref and ref[0].get_ydata()[0] == pytest.approx(math.log(2) * w)
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert len(labels) == 3 and labels[0].startswith('zoh, mAP 0.500/') and 'skipped 6, rollbacks 1' in labels[0]
+    stress_fig, _ = six_rules.plot_mode('stress', merged['runs']['stress'], dpi=40)
+    assert [t.get_text() for t in stress_fig.legends[0].get_texts()][1].startswith('rk4 [not_run], mAP -/-')
     with Image.open(out) as im:
         single = six_rules.plot_report(dict(runs={'stress': merged['runs']['stress']}), str(tmp_path / 'one.png'),
                                        dpi=40)
         with Image.open(tmp_path / 'one.png') as one:
             assert im.height > one.height and len(single) == 1
+    # a block whose rules logged nothing still draws every panel (the SSM ones in cells of their own)
+    empty = dict(runs={'stress': dict(lr_factor=4.0, rules={'rk4': dict(rule='rk4', status='not_run')})})
+    (titles, ) = six_rules.plot_report(empty, str(tmp_path / 'empty.png'), dpi=40)
+    assert {'grad_norm', 'max |Abar| (all layers)', 'delta p99 (max over layers)'} <= set(titles)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,7 +323,8 @@ def tiny_options(data_root):
         f'model.neck.out_channels={TINY_HEADS}', f'model.rpn_head.in_channels={TINY_HEADS}',
         f'model.rpn_head.feat_channels={TINY_HEADS}', f'model.roi_head.bbox_roi_extractor.out_channels={TINY_HEADS}',
         f'model.roi_head.mask_roi_extractor.out_channels={TINY_HEADS}',
-        f'model.roi_head.mask_head.in_channels={TINY_HEADS}', f'model.roi_head.mask_head.conv_out_channels={TINY_HEADS}',
+        f'model.roi_head.mask_head.in_channels={TINY_HEADS}',
+        f'model.roi_head.mask_head.conv_out_channels={TINY_HEADS}',
         'model.train_cfg.rpn_proposal.nms_pre=200', 'model.train_cfg.rpn_proposal.max_per_img=50',
         'model.test_cfg.rpn.nms_pre=200', 'model.test_cfg.rpn.max_per_img=50', 'model.test_cfg.rcnn.max_per_img=20',
         'default_hooks.logger.interval=1', 'custom_hooks.3.interval=1',  # every iteration logged, with SSM stats

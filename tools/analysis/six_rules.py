@@ -2,8 +2,8 @@
 
 * the config of one run: ``configs/shapes1024/vim_<rule>.py`` + ``--cfg-options``, its schedule stretched to
   ``--iters``, its lr times 4 in a stress run, and on a CPU the plain (non-AMP) guarded wrapper;
-* what a finished (or stopped) Runner knows that its logs do not: non-finite losses counted at every iteration,
-  the guard's skips and AMP overflows, rollbacks, whether the weights are finite, the peak GPU memory;
+* what a finished (or stopped) Runner knows that its logs do not say exactly: non-finite losses counted at every
+  iteration, the guard's skips and AMP overflows, rollbacks, whether the weights are finite;
 * the record of one rule: those facts + the curves and final values read from ``vis_data/scalars.json`` with
   ``compare_runs.load_run``;
 * the report (one JSON, curves included, so that reports of several device calls merge without the work dirs)
@@ -86,16 +86,13 @@ def adapt_to_device(cfg, device: str) -> list:
             wrapper.type = 'GuardedOptimWrapper'
             notes.append('optim_wrapper: GuardedOptimWrapper (no AMP on a CPU)')
         cfg.model.backbone.cuda_graph = False
-        env = cfg.get('env_cfg', {}).get('dist_cfg')
-        if env is not None:
-            env['backend'] = 'gloo'
     try:
         import torch.utils.tensorboard  # noqa: F401
     except ImportError:
-        backends = [b for b in cfg.get('vis_backends', []) if b.get('type') != 'TensorboardVisBackend']
-        if 'visualizer' in cfg and len(backends) != len(cfg.visualizer.get('vis_backends', [])):
-            cfg.visualizer.vis_backends = backends
-            cfg.vis_backends = backends
+        backends = cfg.get('visualizer', {}).get('vis_backends') or []
+        kept = [b for b in backends if b.get('type') != 'TensorboardVisBackend']
+        if len(kept) != len(backends):
+            cfg.visualizer.vis_backends = kept
             notes.append('visualizer: TensorboardVisBackend dropped (tensorboard not installed)')
     return notes
 
@@ -250,11 +247,9 @@ def rule_record(work_dir: str, summary: dict) -> dict:
         peaks.append(record['peak_mem_gib_tail'])
     record.pop('peak_mem_gib_tail', None)
     record['peak_mem_gib'] = max(peaks) if peaks else None
-    record['ssm'] = dict(
-        abar_max=float(curves['ssm_abar_max'][1].max()) if 'ssm_abar_max' in curves else None,
-        delta_p99=float(curves['ssm_delta_p99'][1].max()) if 'ssm_delta_p99' in curves else None,
-        z_beyond=float(curves['ssm_z_beyond'][1].max()) if 'ssm_z_beyond' in curves else None,
-        stats_iters=[int(s) for s in curves['ssm_abar_max'][0]] if 'ssm_abar_max' in curves else [])
+    record['ssm'] = {stat: float(curves[name][1].max()) if name in curves else None
+                     for name, (stat, _) in SSM_CURVES.items()}
+    record['ssm']['stats_iters'] = [int(s) for s in curves['ssm_abar_max'][0]] if 'ssm_abar_max' in curves else []
     # mmdet logs each stage's loss times its stage_loss_weight (1, 0.5, 0.25): compare the unweighted value to ln 2
     weights = summary.get('stage_loss_weights') or [1.0] * len(MASK_KEYS)
     record['loss_mask_final_unweighted'] = {
@@ -345,7 +340,8 @@ def plot_mode(mode: str, mode_run: dict, title: str = '', dpi: int = 80):
     statistics, drawn on the spare cells of its grid. Returns (figure, {panel title: axis})."""
     runs = _runs_of(mode_run)
     panels = len(compare_runs.loss_keys(runs)) + 2 + len(compare_runs.METRICS)
-    ncols = 4 if panels <= 6 else 5  # leaves at least two spare cells
+    # the narrowest grid up to 5 wide that leaves two spare cells for the SSM panels
+    ncols = next(c for c in (5, 4, 3, 6) if -(-panels // c) * c - panels >= 2)
     fig, _ = compare_runs.plot_runs(runs, ncols=ncols, dpi=dpi)
     axes = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
     spare = [ax for ax in fig.axes if not ax.get_visible()]

@@ -34,7 +34,7 @@ sys.path.insert(0, HERE)
 
 import six_rules  # noqa: E402
 
-GRACE_S = 45  # after SIGTERM: the PreemptionHook saves and stops at the next iteration boundary
+GRACE_S = 30  # after SIGTERM: the PreemptionHook saves and stops at the next iteration boundary
 MIN_RULE_S = 60  # a rule is not started with less device time left than this
 REPORT_RESERVE_S = 15  # kept back from the budget for the last report
 
@@ -59,7 +59,10 @@ def parse_args(argv=None):
     parser.add_argument('--merge', nargs='+', metavar='JSON', help='merge these reports instead of training')
     parser.add_argument('--dpi', type=int, default=80)
     parser.add_argument('--train-one', choices=six_rules.RULES, help=argparse.SUPPRESS)  # the child process
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.parallel < 1:
+        parser.error('--parallel must be at least 1')
+    return args
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -107,10 +110,14 @@ def train_one(args) -> int:
     except Exception:  # noqa: BLE001 (a crash is a result of this run too)
         summary['stop_reason'] = traceback.format_exc()[-4000:]
     summary['wall_s'] = time.perf_counter() - start
-    if runner is not None:
-        summary.update(six_rules.runner_facts(runner))
-    if cuda:
-        summary['peak_mem_gib_tail'] = torch.cuda.max_memory_allocated() / 2**30
+    six_rules.write_json(summary, path)  # the outcome first: reading the counters may fail after a CUDA error
+    try:
+        if runner is not None:
+            summary.update(six_rules.runner_facts(runner))
+        if cuda:
+            summary['peak_mem_gib_tail'] = torch.cuda.max_memory_allocated() / 2**30
+    except Exception as facts_error:  # noqa: BLE001
+        summary['facts_error'] = f'{type(facts_error).__name__}: {facts_error}'
     six_rules.write_json(summary, path)
     print(f"[six_rules] {args.train_one} ({mode}): {summary['status']}", flush=True)
     return 0 if summary['status'] in ('finished', 'stopped') else 1
@@ -220,7 +227,7 @@ def _train_rule(args, mode, rule, start):
     elif code != 0 and summary.get('status') in ('finished', 'stopped'):
         summary.update(status='crashed', stop_reason=f'exit code {code}')
     if summary.get('status') == 'crashed' and not summary.get('stop_reason'):
-        summary['stop_reason'] = f'exit code {code} before the run began (see the log above)'
+        summary['stop_reason'] = f'exit code {code} without a recorded reason (see the log above)'
     if not args.keep_checkpoints and osp.isdir(work_dir):
         for name in os.listdir(work_dir):
             if name.endswith('.pth') or name == 'last_checkpoint':
@@ -239,14 +246,16 @@ def run_all(args) -> int:
         torch=torch.__version__, device=None, parallel=args.parallel, family='configs/shapes1024',
         created=time.strftime('%Y-%m-%d %H:%M:%S')))
     records = {}
+    rules = list(dict.fromkeys(args.rules))  # a rule named twice would train twice into one work dir
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        futures = {pool.submit(_train_rule, args, mode, rule, start): rule for rule in args.rules}
+        futures = {pool.submit(_train_rule, args, mode, rule, start): rule for rule in rules}
         for future in as_completed(futures):
             rule = futures[future]
             work_dir, summary = future.result()
             records[rule] = six_rules.rule_record(work_dir, summary)
             report['device'] = report['device'] or summary.get('device')
-            for name in [r for r in args.rules if r in records]:  # the order asked for
+            report['runs'].pop(mode, None)
+            for name in [r for r in rules if r in records]:  # in the order asked for, whatever finished first
                 six_rules.add_record(report, mode, name, records[name], iters=records[name].get('iters_planned'))
             _print_line(rule, records[rule])
             six_rules.write_json(report, out_json)
