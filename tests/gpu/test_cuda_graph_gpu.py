@@ -22,7 +22,8 @@ SIZE = (112, 144)  # a 7 x 9 grid (63 tokens, not a power of two), the position 
 def pair(**kwargs):
     """A backbone that captures after one warm-up call, and an eager twin with the same weights."""
     torch.manual_seed(0)
-    graphed = VimBackbone(arch=dict(embed_dims=DIMS, depth=4), img_size=128, cuda_graph_warmup=1, **kwargs)
+    graphed = VimBackbone(arch=dict(embed_dims=DIMS, depth=4), img_size=128, cuda_graph=True, cuda_graph_warmup=1,
+                          **kwargs)
     graphed = graphed.cuda().train()
     eager = copy.deepcopy(graphed)
     eager.cuda_graph = False

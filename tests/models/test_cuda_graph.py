@@ -65,6 +65,7 @@ def warnings(logs):
 
 
 def backbone(**kwargs):
+    kwargs.setdefault('cuda_graph', True)
     kwargs.setdefault('cuda_graph_warmup', 0)
     return VimBackbone(arch=TINY, img_size=32, **kwargs).train()
 
@@ -242,12 +243,13 @@ def test_the_config_switch_reaches_the_backbone():
     from mmdet.registry import MODELS
     init_default_scope('mmdet')
     cfg = Config.fromfile(osp.join(ROOT, 'configs/_base_/models/cascade_mask_rcnn_vim_fpn.py'))
-    assert cfg.model.backbone.cuda_graph is True  # documented and on in the recipe
+    # documented in the recipe, off until the detector step with capture has run on a GPU
+    assert cfg.model.backbone.cuda_graph is False
     small = dict(arch=TINY, img_size=32, init_cfg=None)
-    assert MODELS.build(dict(cfg.model.backbone, **small)).cuda_graph is True
-    cfg.merge_from_dict({'model.backbone.cuda_graph': False})  # what --cfg-options model.backbone.cuda_graph=False does
+    assert MODELS.build(dict(cfg.model.backbone, **small)).cuda_graph is False
+    cfg.merge_from_dict({'model.backbone.cuda_graph': True})  # what --cfg-options model.backbone.cuda_graph=True does
     model = MODELS.build(dict(cfg.model.backbone, **small))
-    assert model.cuda_graph is False
+    assert model.cuda_graph is True
 
 
 @pytest.mark.slow

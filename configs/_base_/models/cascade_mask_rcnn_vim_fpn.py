@@ -27,9 +27,10 @@ model = dict(
         drop_path_rate=0.1,
         # None: re-initialise dt_proj(_b).bias from ssm_cfg after loading, for every rule but zoh
         reinit_dt_after_load=None,
-        # training steps on CUDA replay CUDA graphs of the backbone's forward + backward (the LSJ batches are one
-        # size); eval, CPU and SSM-statistics iterations run eagerly. False: always eager (models/cuda_graph.py)
-        cuda_graph=True,
+        # True: training steps on CUDA replay CUDA graphs of the backbone's forward + backward (the LSJ batches are
+        # one size; eval, CPU and SSM-statistics iterations run eagerly; models/cuda_graph.py). Off until the
+        # detector step with capture has run on a GPU (docs/performance.md): --cfg-options model.backbone.cuda_graph=True
+        cuda_graph=False,
         init_cfg=dict(type='Pretrained', checkpoint='checkpoints/vim_t_midclstok_76p1acc.pth')),
     neck=dict(
         type='SimpleFPN',

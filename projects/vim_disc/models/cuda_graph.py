@@ -302,6 +302,25 @@ def graphed_forward(backbone, x: torch.Tensor, *extra: torch.Tensor):
     return graphs(x, *extra)
 
 
+def _release_generator(device: torch.device) -> None:
+    """After a failed capture: a capture that dies inside ``torch.cuda.graph`` never reaches the CUDA generator's
+    capture epilogue, so every later random draw raises "Offset increment outside graph capture encountered
+    unexpectedly" (seen on the H200, torch 2.11, docs/performance.md) and the eager fallback would crash at the
+    next DropPath. One trivial capture runs the prologue/epilogue pair again. Not yet verified on a GPU."""
+    if device.type != 'cuda':
+        return
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            torch.zeros(1, device=device).add_(1)
+        del graph
+        torch.rand(1, device=device)  # raises if the generator is still stuck in capture mode
+    except Exception as e:  # noqa: BLE001
+        print_log(f'VimBackbone CUDA graph: the CUDA generator could not be released after the failed capture '
+                  f'({type(e).__name__}: {str(e)[:200]}); random draws on {device} may fail', logger='current',
+                  level=logging.ERROR)
+
+
 def _disable(backbone, state: CudaGraphState, why: str) -> None:
     state.disabled = why
     state.graphs.clear()
@@ -324,6 +343,7 @@ def _capture(backbone, args, sig: Signature, state: CudaGraphState) -> Optional[
         graphs = capture_fwd_bwd(fn, args, params)
     except Exception as e:  # never stop training for an optimisation
         _disable(backbone, state, f'capture failed for input {sig} ({type(e).__name__}: {str(e)[:500]})')
+        _release_generator(args[0].device)
         return None
     state.graphs[sig] = graphs
     state.warmup_calls.pop(sig, None)

@@ -199,7 +199,8 @@ class VimBackbone(BaseModule):
         with_cp (bool): activation checkpointing per layer (never captured in a CUDA graph).
         cuda_graph (bool): in training on CUDA, replay CUDA graphs of the forward and backward
             (``models/cuda_graph.py``) once an input shape has been seen ``cuda_graph_warmup`` times; eval, CPU,
-            ``with_cp``, SSM-statistics iterations and extra shapes run eagerly. False: always eager.
+            ``with_cp``, SSM-statistics iterations and extra shapes run eagerly. False (the default until the
+            detector step with capture has run on a GPU, docs/performance.md): always eager.
         cuda_graph_warmup (int): eager calls of a new input signature before it is captured.
         cuda_graph_max (int): input signatures captured at most (each keeps its own activation memory).
     """
@@ -221,7 +222,7 @@ class VimBackbone(BaseModule):
                  norm_eps: float = 1e-5,
                  reinit_dt_after_load: Optional[bool] = None,
                  with_cp: bool = False,
-                 cuda_graph: bool = True,
+                 cuda_graph: bool = False,
                  cuda_graph_warmup: int = 2,
                  cuda_graph_max: int = 1,
                  init_cfg=None):
