@@ -3,8 +3,8 @@
 # wheels when mmdet is missing; the shapes dataset (data/shapes1024, the configs' generator arguments) generated
 # while each rule's Triton kernels compile at the training shapes, all in the background; then
 # tools/analysis/six_rules_gpu.py for PART (nominal: the configs' lr; stress: 4x it) and RULES, within BUDGET_S.
-# OUT_DIR gets 4 files (the device tool brings back 8 at most): six_rules_<PART>.json, six_rules_<PART>.png,
-# log.txt and card.txt.
+# OUT_DIR gets 5 files (the device tool brings back 8 at most): six_rules_<PART>.json, six_rules_<PART>.png,
+# log.txt, card.txt and gpu_util.csv (utilisation and memory every 5 s while training).
 #
 #   [PART=nominal|stress] [RULES="zoh foh ..."] [ITERS=300] [PARALLEL=1] [BUDGET_S=540] \
 #       [CFG_OPTIONS="key=value ..."] scripts/gpu_six_rules.sh OUT_DIR
@@ -55,7 +55,8 @@ from mmengine.config import Config
 from projects.vim_disc.datasets.shapes import generate_shapes_dataset
 t0 = time.time()
 ds = Config.fromfile('configs/shapes1024/vim_zoh.py').train_dataloader.dataset
-info = generate_shapes_dataset(ds.data_root, **{k: ds[k] for k in ('seed', 'num_train', 'num_val', 'min_size', 'max_size')})
+info = generate_shapes_dataset(ds.data_root, workers=8,
+                              **{k: ds[k] for k in ('seed', 'num_train', 'num_val', 'min_size', 'max_size')})
 print('dataset', ds.data_root, 'built' if info['generated'] else 'already there', 'in', round(time.time() - t0, 1), 's')
 PY
 # Triton compiles each rule's kernels once (cached on disk) at the training shapes: Vim-T width, 1024 px, batch 2,
@@ -83,6 +84,16 @@ done
 wait
 cat /tmp/six_rules_data.txt /tmp/six_rules_compile_*.txt | grep -v "^\s*$" | tail -n 30 | tee -a "$LOG"
 
+# the card's utilisation and memory every 5 s while the rules train (how much room PARALLEL leaves)
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 5 > "$OUT/gpu_util.csv" 2>&1 &
+SMI=$!
+# rules training side by side share the CPU: each gets its share of the cores for data workers (the COCO recipe's
+# 8 per process are meant for one process per GPU), unless CFG_OPTIONS sets them
+if [ "$PARALLEL" -gt 1 ] && [[ "$CFG_OPTIONS" != *num_workers* ]]; then
+  WORKERS=$(( $(nproc) * 3 / 4 / PARALLEL ))
+  [ "$WORKERS" -lt 2 ] && WORKERS=2
+  CFG_OPTIONS="${CFG_OPTIONS:+$CFG_OPTIONS }train_dataloader.num_workers=$WORKERS"
+fi
 LEFT=$(left)
 [ "$LEFT" -lt 1 ] && LEFT=1  # spent already: the runner then lists every rule as not_run
 echo "=== six_rules_gpu.py at $(( SECONDS - START ))s, ${LEFT}s left" | tee -a "$LOG"
@@ -91,6 +102,7 @@ $PY tools/analysis/six_rules_gpu.py --rules $RULES ${ITERS:+--iters "$ITERS"} $S
   --work-dir work_dirs/six_rules --out-json "$OUT/six_rules_$PART.json" --time-budget "$LEFT" \
   ${CFG_OPTIONS:+--cfg-options $CFG_OPTIONS} >> "$LOG" 2>&1
 rc=$?
+kill "$SMI" 2>/dev/null
 echo "=== six_rules_gpu.py rc=$rc after $(( SECONDS - START ))s" | tee -a "$LOG"
 grep -h "^\[six_rules\]" "$LOG" | grep -v "\-\-train-one" | tail -n 12
 ls "$OUT"

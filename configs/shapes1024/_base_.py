@@ -7,8 +7,12 @@
 #             (flip, resize 0.1-2.0 x 1024, PolygonRandomCrop 1024, pad 1024); 5 classes in the heads
 #   schedule  shapes_iters iterations at shapes_batch_size images (one GPU), validation at the end; the recipe's
 #             warmup from 0.001 x lr and its two 10x drops at the same fractions of the run (88.9 %, 96.3 %)
-#   lr        linear scaling from the recipe's 64 images per iteration, as docs/recipe.md says
-#             (the rule files compute it from ../vim_<rule>.py's lr and auto_scale_lr.base_batch_size)
+#   lr        NOT changed: the recipe's AdamW lr (1e-4, layer-wise decay) at batch 2. AdamW's update size is the lr
+#             whatever the batch, so each update is as large as a COCO update, on noisier gradients: a harder
+#             stability test than the recipe's. Linear scaling from the recipe's 64 images (--auto-scale-lr,
+#             1e-4 x 2 / 64 = 3.1e-6) leaves a from-scratch mask head at ln 2 for the whole run: on the CPU demo
+#             (batch 2, 300 iterations) s0.loss_mask stayed at 0.69 with it and fell to 0.40 at 1e-4
+#             (docs/analysis.md "Six rules on one GPU")
 #   weights   from scratch: no ImageNet checkpoint on the GPU machine
 #   runtime   bf16 autocast (the precision; the recipe's default is fp16), logs every 10 iterations,
 #             a checkpoint every 50 (what NonFiniteRollbackHook rolls back to), one seed for every rule

@@ -13,10 +13,7 @@ val_dataloader = test_dataloader = _base_.shapes_val_dataloader
 val_evaluator = test_evaluator = _base_.shapes_evaluator
 train_cfg = _base_.shapes_train_cfg
 param_scheduler = _base_.shapes_param_scheduler
-# linear lr scaling from the recipe's batch (docs/recipe.md): 1e-4 x 2 / 64 at the default batch
-optim_wrapper = dict(
-    _base_.shapes_optim_wrapper,
-    optimizer=dict(lr=_base_.optim_wrapper.optimizer.lr * _base_.shapes_batch_size
-                   / _base_.auto_scale_lr.base_batch_size))
+# bf16; the recipe's lr per update, not scaled down for the batch (./_base_.py says why)
+optim_wrapper = _base_.shapes_optim_wrapper
 default_hooks = _base_.shapes_default_hooks
 log_processor = _base_.shapes_log_processor

@@ -135,6 +135,14 @@ def test_same_seed_gives_byte_identical_files_and_other_seeds_differ(tmp_path, s
     assert c['annotations/instances_train.json'] != a['annotations/instances_train.json']
 
 
+def test_workers_write_the_same_files(tmp_path):
+    args = dict(SMALL, num_train=9, num_val=3)  # more images than workers x chunks: pieces arrive out of order
+    generate_shapes_dataset(str(tmp_path / 'one'), **args)
+    generate_shapes_dataset(str(tmp_path / 'three'), **args, workers=3)
+    one, three = _tree_bytes(tmp_path / 'one'), _tree_bytes(tmp_path / 'three')
+    assert one == three and len(one) == 9 + 3 + 2 + 1
+
+
 def test_marker_decides_whether_to_rebuild(tmp_path):
     root = str(tmp_path / 'shapes')
     args = dict(seed=3, num_train=3, num_val=2)

@@ -22,8 +22,10 @@ The generator uses numpy, Pillow and shapely only; ``ShapesDataset`` (mmdet) is 
 """
 import contextlib
 import fcntl
+import functools
 import glob
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -249,13 +251,24 @@ def _make_image(seed, split, index, min_size, max_size):
     return pixels, width, height, annotations
 
 
-def _write_split(directory, split, seed, num_images, min_size, max_size):
+def _render(directory, split, seed, min_size, max_size, index):
+    """Make image ``index`` of ``split``, write its PNG; returns (file name, width, height, annotations)."""
+    pixels, width, height, annotations = _make_image(seed, split, index, min_size, max_size)
+    file_name = f'{index:06d}.png'
+    Image.fromarray(pixels).save(os.path.join(directory, split, file_name))
+    return file_name, width, height, annotations
+
+
+def _write_split(directory, split, seed, num_images, min_size, max_size, workers=1):
     os.makedirs(os.path.join(directory, split))
+    render = functools.partial(_render, directory, split, seed, min_size, max_size)
+    if workers > 1:  # every image depends only on (seed, split, index): the same files whatever the workers
+        with multiprocessing.get_context('fork').Pool(workers) as pool:
+            rendered = pool.map(render, range(num_images), chunksize=4)
+    else:
+        rendered = map(render, range(num_images))
     images, annotations = [], []
-    for index in range(num_images):
-        pixels, width, height, image_annotations = _make_image(seed, split, index, min_size, max_size)
-        file_name = f'{index:06d}.png'
-        Image.fromarray(pixels).save(os.path.join(directory, split, file_name))
+    for index, (file_name, width, height, image_annotations) in enumerate(rendered):
         images.append(dict(id=index + 1, file_name=file_name, width=width, height=height))
         for annotation in image_annotations:
             annotations.append(dict(id=len(annotations) + 1, image_id=index + 1, **annotation))
@@ -291,13 +304,13 @@ def _exclusive_lock(path):
 
 
 def generate_shapes_dataset(root='data/shapes', seed=0, num_train=400, num_val=100, min_size=128,
-                            max_size=256, force=False):
+                            max_size=256, force=False, workers=1):
     """Make sure ``root`` holds the shapes dataset for these arguments; build it if it does not.
 
     Returns the marker (a dict: ``version``, ``seed``, ``num_train``, ``num_val``, ``min_size``,
     ``max_size`` and per-split ``counts``) plus ``generated``: whether this call built it. A dataset on
     disk whose marker disagrees (another seed, size or generator version) is replaced. ``force`` rebuilds
-    it anyway.
+    it anyway. ``workers`` > 1 renders the images in that many forked processes (the same files).
     """
     if not 1 <= min_size <= max_size:
         raise ValueError(f'need 1 <= min_size <= max_size, got {min_size}, {max_size}')
@@ -324,7 +337,8 @@ def generate_shapes_dataset(root='data/shapes', seed=0, num_train=400, num_val=1
         try:
             os.chmod(staging, 0o755)  # mkdtemp makes it private; the dataset is not
             os.makedirs(os.path.join(staging, 'annotations'))
-            counts = {split: _write_split(staging, split, spec['seed'], num, spec['min_size'], spec['max_size'])
+            counts = {split: _write_split(staging, split, spec['seed'], num, spec['min_size'], spec['max_size'],
+                                         workers)
                       for split, num in zip(SPLITS, (spec['num_train'], spec['num_val']))}
             marker = dict(spec, counts=counts)
             with open(os.path.join(staging, MARKER), 'w') as f:
