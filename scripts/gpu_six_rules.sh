@@ -9,13 +9,14 @@
 #   [PART=nominal|stress] [RULES="zoh foh ..."] [ITERS=300] [PARALLEL=1] [BUDGET_S=540] \
 #       [CFG_OPTIONS="key=value ..."] scripts/gpu_six_rules.sh OUT_DIR
 #
-# At ~2.5 min per rule and run (300 iterations at 1024 px, batch 2, bf16), one call holds 3 rules sequentially:
-# the 12 runs are 4 calls, e.g. PART=nominal RULES="zoh foh bilinear", then "poly highorder rk4", then the same
-# two with PART=stress. PARALLEL=3 trains three rules at a time on the card (fewer calls; each rule's s/iter is
-# then measured while sharing it). Rules a call did not reach are in its JSON as not_run. Join the calls' JSONs
-# afterwards, on any machine:
-#   python tools/analysis/six_rules_gpu.py --merge A/six_rules_nominal.json B/six_rules_nominal.json \
-#       C/six_rules_stress.json ... --out-json six_rules.json --out-png six_rules.png
+# On one H200 a rule alone runs 0.41 s/iteration and leaves the card part idle; six side by side run 1.03-1.08 s
+# each with the card ~100% busy (8-9 GiB per rule). So the 12 runs are 2 calls:
+#   PART=nominal PARALLEL=6 BUDGET_S=540 scripts/gpu_six_rules.sh OUT   (453 s there)
+#   PART=stress  PARALLEL=6 BUDGET_S=470 scripts/gpu_six_rules.sh OUT   (~460 s)
+# s/iter in the JSON is then measured while sharing the card. Rules a call did not reach are in its JSON as not_run.
+# Join the calls' JSONs afterwards, on any machine:
+#   python tools/analysis/six_rules_gpu.py --merge A/six_rules_nominal.json B/six_rules_stress.json \
+#       --out-json six_rules.json --out-png six_rules.png
 #
 # Needs the OpenMMLab wheels in .whl/ (../shared/wheels, see its README) on a machine without them.
 set -uo pipefail
