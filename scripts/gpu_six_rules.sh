@@ -2,11 +2,12 @@
 # One device call (< 10 min) of the six-rules run (issue 13; docs/analysis.md "Six rules on one GPU"): the OpenMMLab
 # wheels when mmdet is missing; the shapes dataset (data/shapes1024, the configs' generator arguments) generated
 # while each rule's Triton kernels compile at the training shapes, all in the background; then
-# tools/analysis/six_rules_gpu.py for PART (nominal: the configs' lr; stress: 4x it) and RULES, within BUDGET_S.
+# tools/analysis/six_rules_gpu.py for PART (nominal: the configs' lr; stress: STRESS_FACTOR x it, default 4) and
+# RULES, within BUDGET_S.
 # OUT_DIR gets 5 files (the device tool brings back 8 at most): six_rules_<PART>.json, six_rules_<PART>.png,
 # log.txt, card.txt and gpu_util.csv (utilisation and memory every 5 s while training).
 #
-#   [PART=nominal|stress] [RULES="zoh foh ..."] [ITERS=300] [PARALLEL=1] [BUDGET_S=540] \
+#   [PART=nominal|stress] [STRESS_FACTOR=4] [RULES="zoh foh ..."] [ITERS=300] [PARALLEL=1] [BUDGET_S=540] \
 #       [CFG_OPTIONS="key=value ..."] scripts/gpu_six_rules.sh OUT_DIR
 #
 # On one H200 a rule alone runs 0.41 s/iteration and leaves the card part idle; six side by side run 1.03-1.08 s
@@ -31,13 +32,14 @@ RULES=${RULES:-zoh foh bilinear poly highorder rk4}
 ITERS=${ITERS:-}
 PARALLEL=${PARALLEL:-1}
 CFG_OPTIONS=${CFG_OPTIONS:-}
+STRESS_FACTOR=${STRESS_FACTOR:-4}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 LOG=$OUT/log.txt
 source scripts/device_lib.sh
 case $PART in
   nominal) STRESS= ;;
-  stress) STRESS=--stress ;;
+  stress) STRESS="--stress --stress-factor $STRESS_FACTOR" ;;
   *) echo "PART must be nominal or stress, got $PART" >&2; exit 2 ;;
 esac
 
@@ -46,7 +48,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 $PY -c 'import torch, triton, mmdet; print("torch", torch.__version__, "triton", triton.__version__, "mmdet", mmdet.__version__)' \
   >> "$OUT/card.txt" 2>&1
 cat "$OUT/card.txt" | tee -a "$LOG"
-echo "=== PART=$PART RULES=\"$RULES\" ITERS=${ITERS:-config} PARALLEL=$PARALLEL BUDGET_S=$BUDGET_S" | tee -a "$LOG"
+echo "=== PART=$PART${STRESS:+ STRESS_FACTOR=$STRESS_FACTOR} RULES=\"$RULES\" ITERS=${ITERS:-config} PARALLEL=$PARALLEL BUDGET_S=$BUDGET_S" | tee -a "$LOG"
 
 # the dataset every rule reads (one process builds it; a rule that starts earlier waits on its lock)
 $PY - > /tmp/six_rules_data.txt 2>&1 <<'PY' &

@@ -11,8 +11,8 @@
 #             whatever the batch, so each update is as large as a COCO update, on noisier gradients: a harder
 #             stability test than the recipe's. Linear scaling from the recipe's 64 images (--auto-scale-lr,
 #             1e-4 x 2 / 64 = 3.1e-6) leaves a from-scratch mask head at ln 2 for the whole run: on the CPU demo
-#             (batch 2, 300 iterations) s0.loss_mask stayed at 0.69 with it and fell to 0.40 at 1e-4
-#             (docs/analysis.md "Six rules on one GPU")
+#             (batch 2, 300 iterations) s0.loss_mask stayed at 0.69 with it and fell to 0.31 at 1e-4
+#             (docs/results/cpu_lr_scaling.md)
 #   weights   from scratch: no ImageNet checkpoint on the GPU machine
 #   runtime   bf16 autocast (the precision; the recipe's default is fp16), logs every 10 iterations,
 #             a checkpoint every 50 (what NonFiniteRollbackHook rolls back to), one seed for every rule

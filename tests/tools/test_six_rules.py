@@ -267,6 +267,12 @@ def test_report_merges_calls_and_draws_one_block_per_mode(tmp_path):
     assert list(merged['runs']['stress']['rules']) == ['zoh', 'rk4']
     assert merged['runs']['stress']['lr_factor'] == six_rules.STRESS_LR_FACTOR
     assert [m['command'] for m in merged['merged_from']] == ['nominal', 'nominal', 'stress']
+    # a stress call at another lr factor is another experiment: refused, not drawn as one block
+    harder = six_rules.new_report(dict(device='toy', command='stress x20'))
+    six_rules.add_record(harder, 'stress', 'foh', dict(record, status='finished'), iters=12, lr_factor=20.0)
+    assert harder['runs']['stress']['lr_factor'] == 20.0
+    with pytest.raises(ValueError, match='stress runs at 4.0x and 20.0x lr'):
+        six_rules.merge_reports(reports + [harder])
 
     out = tmp_path / 'six.png'
     blocks = six_rules.plot_report(merged, str(out), dpi=40)
@@ -394,15 +400,17 @@ def test_runner_trains_two_rules_then_a_stopped_stress_run_and_merges(tmp_path):
     again = run_tool(tool + ['--rules', 'zoh', '--out-json', str(tmp_path / 'again.json'), '--cfg-options', *options])
     assert 'zoh (nominal): done already' in again.stdout  # a finished rule is not trained twice
 
-    # 4x lr and a NaN loss at both iterations: the guard skips both and, allowed no rollback, stops the run; the
+    # 8x lr and a NaN loss at both iterations: the guard skips both and, allowed no rollback, stops the run; the
     # weights it kept are still evaluated
     stress = tmp_path / 'stress.json'
-    proc = run_tool(tool + ['--rules', 'zoh', '--stress', '--out-json', str(stress), '--cfg-options', *options,
+    proc = run_tool(tool + ['--rules', 'zoh', '--stress', '--stress-factor', '8', '--out-json', str(stress),
+                            '--cfg-options', *options,
                             'optim_wrapper.inject_nonfinite.loss_iters=[0,1]', 'custom_hooks.2.max_consecutive_skips=2',
                             'custom_hooks.2.max_rollbacks=0'])
+    assert json.loads(stress.read_text())['runs']['stress']['lr_factor'] == 8
     r = json.loads(stress.read_text())['runs']['stress']['rules']['zoh']
     assert r['status'] == 'stopped' and 'training diverged at iter 2' in r['stop_reason']
-    assert r['lr'] == pytest.approx(six_rules.STRESS_LR_FACTOR * config_lr)
+    assert r['lr'] == pytest.approx(8 * config_lr)
     assert r['skipped_updates'] == 2 and [e['cause'] for e in r['skip_events']] == ['loss and gradient'] * 2
     assert r['nonfinite_losses'] == 0  # the injected NaN comes after the logged loss: counted apart, as it should
     assert r['weights_finite'] is True and r['bbox_mAP'] is not None and 'val_error' not in r

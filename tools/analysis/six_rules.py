@@ -267,8 +267,9 @@ def new_report(meta: dict) -> dict:
     return dict(meta, runs={})
 
 
-def add_record(report: dict, mode: str, rule: str, record: dict, iters=None) -> None:
-    run = report['runs'].setdefault(mode, dict(lr_factor=MODES[mode], iters=iters, rules={}))
+def add_record(report: dict, mode: str, rule: str, record: dict, iters=None, lr_factor=None) -> None:
+    lr_factor = MODES[mode] if lr_factor is None else lr_factor
+    run = report['runs'].setdefault(mode, dict(lr_factor=lr_factor, iters=iters, rules={}))
     run['rules'][rule] = record
 
 
@@ -288,7 +289,8 @@ def load_json(path: str) -> dict:
 
 
 def merge_reports(reports) -> dict:
-    """Reports of several device calls (rule subsets, nominal and stress) as one: later rules of a mode win."""
+    """Reports of several device calls (rule subsets, nominal and stress) as one: later rules of a mode win. Stress
+    calls at different lr factors are different experiments: refused, not mixed in one block."""
     merged = None
     for report in reports:
         if merged is None:
@@ -298,6 +300,8 @@ def merge_reports(reports) -> dict:
         merged['merged_from'].append({k: v for k, v in report.items() if k not in ('runs', 'merged_from')})
         for mode, run in report['runs'].items():
             into = merged['runs'].setdefault(mode, dict(run, rules={}))
+            if into.get('lr_factor') != run.get('lr_factor'):
+                raise ValueError(f"cannot merge {mode} runs at {into.get('lr_factor')}x and {run.get('lr_factor')}x lr")
             into['rules'].update(run['rules'])
     # modes in a fixed order, rules in the issue's order
     merged['runs'] = {m: dict(merged['runs'][m], rules={r: merged['runs'][m]['rules'][r] for r in RULES

@@ -2,12 +2,12 @@
 data (configs/shapes1024/vim_<rule>.py), and write ONE JSON and ONE picture (issue 13; docs/analysis.md says how to
 read them).
 
-    python tools/analysis/six_rules_gpu.py [--rules zoh foh ...] [--iters 300] [--stress] \
+    python tools/analysis/six_rules_gpu.py [--rules zoh foh ...] [--iters 300] [--stress [--stress-factor 4]] \
         [--work-dir work_dirs/six_rules] [--out-json J] [--out-png P] [--time-budget S] [--device cuda|cpu] \
         [--parallel N] [--keep-checkpoints] [--cfg-options key=value ...]
     python tools/analysis/six_rules_gpu.py --merge A.json B.json ... --out-json J --out-png P
 
-``--stress`` trains at 4x the config's lr (the guard's skips and rollbacks, on purpose). Each rule trains in its
+``--stress`` trains at 4x the config's lr, or ``--stress-factor`` x (the guard's skips and rollbacks, on purpose). Each rule trains in its
 own process (a crash or a hang costs that rule only; ``--time-budget`` stops it with SIGTERM, which the
 PreemptionHook turns into a clean stop) into WORK_DIR/<nominal|stress>/<rule>, ``--parallel`` of them at a time;
 a rule whose work dir already holds a finished run of the same request is not trained again. The JSON and the PNG
@@ -44,7 +44,10 @@ def parse_args(argv=None):
     parser.add_argument('--rules', nargs='+', default=list(six_rules.RULES), choices=six_rules.RULES)
     parser.add_argument('--iters', type=int, help='training iterations per rule (default: the config\'s, 300); '
                         'the warmup, lr drops and checkpoint interval keep their fraction of the run')
-    parser.add_argument('--stress', action='store_true', help=f'{six_rules.STRESS_LR_FACTOR:g}x the config\'s lr')
+    parser.add_argument('--stress', action='store_true', help='the config\'s lr times --stress-factor')
+    parser.add_argument('--stress-factor', type=float, default=six_rules.STRESS_LR_FACTOR,
+                        help='lr multiplier of a stress run (default %(default)g; at 4x no rule diverged on an H200, '
+                        'docs/analysis.md)')
     parser.add_argument('--work-dir', default='work_dirs/six_rules')
     parser.add_argument('--out-json', help='default: WORK_DIR/six_rules_<nominal|stress>.json')
     parser.add_argument('--out-png', help='default: the JSON path with .png')
@@ -62,6 +65,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.parallel < 1:
         parser.error('--parallel must be at least 1')
+    if args.stress_factor <= 0:
+        parser.error('--stress-factor must be positive')
     return args
 
 
@@ -82,7 +87,7 @@ def train_one(args) -> int:
     options.add_argument('--cfg-options', nargs='+', action=DictAction, default={})
     cfg_options = options.parse_args(['--cfg-options', *args.cfg_options]).cfg_options if args.cfg_options else {}
     mode = 'stress' if args.stress else 'nominal'
-    cfg, notes = six_rules.prepare_config(args.train_one, args.work_dir, args.iters, six_rules.MODES[mode],
+    cfg, notes = six_rules.prepare_config(args.train_one, args.work_dir, args.iters, _lr_factor(args),
                                           cfg_options, args.device)
     os.makedirs(args.work_dir, exist_ok=True)
     path = osp.join(args.work_dir, six_rules.SUMMARY)
@@ -126,8 +131,13 @@ def train_one(args) -> int:
 # ----------------------------------------------------------------------------------------------------
 # The parent: every rule in a child process, then the report
 # ----------------------------------------------------------------------------------------------------
+def _lr_factor(args) -> float:
+    return args.stress_factor if args.stress else 1.0
+
+
 def _request(args) -> dict:
-    return dict(iters=args.iters, stress=bool(args.stress), device=args.device, cfg_options=list(args.cfg_options))
+    return dict(iters=args.iters, stress=bool(args.stress), lr_factor=_lr_factor(args), device=args.device,
+                cfg_options=list(args.cfg_options))
 
 
 def _run_child(args, rule, work_dir, timeout):
@@ -135,7 +145,7 @@ def _run_child(args, rule, work_dir, timeout):
     code, None or what the time budget did to it)."""
     cmd = [sys.executable, osp.abspath(__file__), '--train-one', rule, '--work-dir', work_dir, '--device', args.device]
     cmd += ['--iters', str(args.iters)] if args.iters else []
-    cmd += ['--stress'] if args.stress else []
+    cmd += ['--stress', '--stress-factor', repr(args.stress_factor)] if args.stress else []
     cmd += ['--cfg-options', *args.cfg_options] if args.cfg_options else []
     _say(' '.join(cmd))
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -256,7 +266,8 @@ def run_all(args) -> int:
             report['device'] = report['device'] or summary.get('device')
             report['runs'].pop(mode, None)
             for name in [r for r in rules if r in records]:  # in the order asked for, whatever finished first
-                six_rules.add_record(report, mode, name, records[name], iters=records[name].get('iters_planned'))
+                six_rules.add_record(report, mode, name, records[name], iters=records[name].get('iters_planned'),
+                                     lr_factor=_lr_factor(args))
             _print_line(rule, records[rule])
             six_rules.write_json(report, out_json)
             six_rules.plot_report(report, out_png, dpi=args.dpi)
