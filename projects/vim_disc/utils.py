@@ -159,6 +159,22 @@ def check_data_exists(cfg: Config, splits=('train_dataloader', 'val_dataloader')
                 f'run the embedded demo: python tools/train.py {DEMO_CONFIG}')
 
 
+def slurm_dist_env(environ, port=None) -> dict:
+    """The variables torchrun would have set, from SLURM's, as mmengine's slurm launcher sets them: the rank, world
+    size and local rank always from SLURM (sbatch exports the submitting shell's environment, so a RANK left there
+    must not win); MASTER_PORT from ``port`` (the config's dist_cfg), else the environment, else 29500;
+    MASTER_ADDR from the environment, else the job's first node."""
+    env = dict(RANK=environ['SLURM_PROCID'], WORLD_SIZE=environ['SLURM_NTASKS'],
+               LOCAL_RANK=environ.get('SLURM_LOCALID', '0'),
+               MASTER_PORT=str(port) if port is not None else environ.get('MASTER_PORT', '29500'))
+    if 'MASTER_ADDR' in environ:
+        env['MASTER_ADDR'] = environ['MASTER_ADDR']
+    else:
+        nodes = subprocess.check_output(['scontrol', 'show', 'hostnames', environ['SLURM_NODELIST']], text=True)
+        env['MASTER_ADDR'] = nodes.split()[0]
+    return env
+
+
 def init_cpu_process_group(launcher: str, cfg: Config) -> None:
     """Start a gloo process group for multi-process runs on machines without CUDA.
 
@@ -168,14 +184,7 @@ def init_cpu_process_group(launcher: str, cfg: Config) -> None:
     if launcher == 'none' or torch.cuda.is_available() or torch.distributed.is_initialized():
         return
     if launcher == 'slurm':
-        # the variables torchrun would have set, from SLURM's (mmengine's slurm launcher derives the same)
-        os.environ.setdefault('RANK', os.environ['SLURM_PROCID'])
-        os.environ.setdefault('WORLD_SIZE', os.environ['SLURM_NTASKS'])
-        os.environ.setdefault('LOCAL_RANK', os.environ.get('SLURM_LOCALID', '0'))
-        if 'MASTER_ADDR' not in os.environ:
-            nodes = subprocess.check_output(['scontrol', 'show', 'hostnames', os.environ['SLURM_NODELIST']], text=True)
-            os.environ['MASTER_ADDR'] = nodes.split()[0]
-        os.environ.setdefault('MASTER_PORT', str(cfg.get('env_cfg', {}).get('dist_cfg', {}).get('port', 29500)))
+        os.environ.update(slurm_dist_env(os.environ, cfg.get('env_cfg', {}).get('dist_cfg', {}).get('port')))
     elif launcher != 'pytorch':
         raise RuntimeError(f'launcher {launcher!r} is not supported without CUDA; use pytorch or slurm')
     torch.distributed.init_process_group(backend='gloo')

@@ -130,7 +130,9 @@ def test_backbone_on_the_mamba_provider_matches_the_default_path(monkeypatch):
     """A tiny VimBackbone forward + backward with use_provider('mamba', fake) equals the 'parallel' provider."""
     assert bench.DEFAULT_SCAN is not None, 'vim.py has no module-level bidirectional_selective_scan'
     monkeypatch.setattr(vim_module, 'bidirectional_selective_scan', vim_module.bidirectional_selective_scan)
-    monkeypatch.delenv('VIM_DISC_SCAN', raising=False)  # use_provider sets it; restored after the test
+    # use_provider sets it. setenv, not delenv(raising=False): that records nothing when the variable is unset, so
+    # 'parallel' leaked into every later test and its subprocesses (the torch scan instead of the default path)
+    monkeypatch.setenv('VIM_DISC_SCAN', '')
     torch.manual_seed(0)
     state = VimBackbone(arch=dict(embed_dims=16, depth=2), img_size=32).state_dict()
     x = torch.randn(2, 3, 32, 32)

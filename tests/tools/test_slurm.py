@@ -7,6 +7,7 @@ settings are LAUNCHER=none (mmengine's slurm launcher calls torch.cuda.set_devic
 import os
 import os.path as osp
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -88,6 +89,21 @@ def _wait(predicate, timeout, what):
     raise AssertionError(f'timed out after {timeout} s waiting for {what}')
 
 
+def _reference(tmp_path, cmd, env=None):
+    """The uninterrupted run to compare with, in the background; its output kept for a failure's message."""
+    log = tmp_path / 'reference.log'
+    with open(log, 'w') as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    proc.log = log
+    return proc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
 def _queued(job):
     return bool(_sh('squeue', '-h', '-j', job, '-o', '%i', check=False).stdout.strip())
 
@@ -155,7 +171,7 @@ def _preempt_mid_run(work, job, iters, reference):
     _wait(lambda: 2 in _iters_logged(_out(work, job), iters), 900, 'iteration 2')
     _sh('scancel', '--signal=USR1', '--batch', job)  # what --signal=B:USR1@T delivers before a time limit
     _wait(lambda: (work / f'iter_{iters}.pth').exists() and not _queued(job), 1200, 'the requeued job to finish')
-    assert reference.wait(timeout=1200) == 0
+    assert reference.wait(timeout=1200) == 0, reference.log.read_text()[-4000:]
 
     out = _out(work, job)
     assert 'SLURM_RESTART_COUNT=0' in out and 'SLURM_RESTART_COUNT=1' in out
@@ -187,10 +203,8 @@ def test_preempted_job_requeues_and_matches_an_uninterrupted_run(slurm, config, 
     ref_dir, work = tmp_path / 'reference', tmp_path / 'slurm'
     # enough iterations that the stop lands mid-run however long SLURM takes to deliver the signal
     iters = 16
-    reference = subprocess.Popen(  # the same training without SLURM, alongside
-        [sys.executable, 'tools/train.py', config, '--work-dir', str(ref_dir),
-         '--cfg-options', f'train_cfg.max_iters={iters}'], cwd=ROOT, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL)
+    reference = _reference(tmp_path, [sys.executable, 'tools/train.py', config, '--work-dir', str(ref_dir),
+                                      '--cfg-options', f'train_cfg.max_iters={iters}'])  # without SLURM, alongside
     job = _submit(work, config, iters)
     _preempt_mid_run(work, job, iters, reference)
     # one log directory across the restart
@@ -231,12 +245,11 @@ def test_two_task_job_preempts_on_every_rank_and_matches_torchrun(slurm, config,
     # torchrun gives each process OMP_NUM_THREADS=1; the SLURM tasks get the same (sbatch exports the environment),
     # since another thread count changes float reduction orders and the weights would differ in the last bits
     threads = {'OMP_NUM_THREADS': '1'}
-    env = {**os.environ, 'PORT': '29531', 'PYTHON': sys.executable, **threads}
+    env = {**os.environ, 'PORT': str(_free_port()), 'PYTHON': sys.executable, **threads}
     env.pop('PYTHONPATH', None)
-    reference = subprocess.Popen(
-        ['bash', 'tools/dist_train.sh', config, '2', '--work-dir', str(ref_dir), '--cfg-options',
-         f'train_cfg.max_iters={iters}', 'env_cfg.dist_cfg.backend=gloo'], cwd=ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reference = _reference(tmp_path, ['bash', 'tools/dist_train.sh', config, '2', '--work-dir', str(ref_dir),
+                                      '--cfg-options', f'train_cfg.max_iters={iters}', 'env_cfg.dist_cfg.backend=gloo'],
+                           env=env)
     job = _submit(work, config, iters, GPUS='2', GPUS_PER_NODE='2', LAUNCHER='slurm', **threads)
 
     first, second = _preempt_mid_run(work, job, iters, reference)

@@ -202,3 +202,22 @@ def test_missing_data_fails_before_touching_the_work_dir(tmp_path):
     assert 'nowhere/annotations/instances_train.json' in proc.stderr
     assert COCO_OVERRIDES in proc.stderr and 'configs/demo/vim_demo.py' in proc.stderr
     assert not work.exists()
+
+
+def test_slurm_variables_win_over_ones_exported_from_the_submitting_shell(monkeypatch):
+    """sbatch exports the submitting shell's environment: a RANK / WORLD_SIZE / LOCAL_RANK left there (a shell
+    inside another distributed job, a test process) must not give two SLURM tasks the same rank."""
+    from projects.vim_disc import utils
+    slurm = dict(SLURM_PROCID='1', SLURM_NTASKS='2', SLURM_LOCALID='1', SLURM_NODELIST='node[3-4]')
+    stale = dict(RANK='0', WORLD_SIZE='8', LOCAL_RANK='0', MASTER_PORT='29517')
+    calls = []
+    monkeypatch.setattr(utils.subprocess, 'check_output', lambda cmd, text: calls.append(cmd) or 'node3\nnode4\n')
+    env = utils.slurm_dist_env({**stale, **slurm})
+    assert env == dict(RANK='1', WORLD_SIZE='2', LOCAL_RANK='1', MASTER_PORT='29517', MASTER_ADDR='node3')
+    assert calls == [['scontrol', 'show', 'hostnames', 'node[3-4]']]
+    # as mmengine's slurm launcher: the config's port first, then MASTER_PORT, then 29500; MASTER_ADDR kept if set
+    assert utils.slurm_dist_env({**stale, **slurm, 'MASTER_ADDR': 'h'}, port=29600) == dict(
+        RANK='1', WORLD_SIZE='2', LOCAL_RANK='1', MASTER_PORT='29600', MASTER_ADDR='h')
+    no_local = {k: v for k, v in slurm.items() if k != 'SLURM_LOCALID'}
+    assert utils.slurm_dist_env({**no_local, 'MASTER_ADDR': 'h'}) == dict(
+        RANK='1', WORLD_SIZE='2', LOCAL_RANK='0', MASTER_PORT='29500', MASTER_ADDR='h')
