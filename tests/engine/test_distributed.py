@@ -5,20 +5,15 @@ One pair of processes runs all scenarios in turn (start-up dominates); a hang sh
 import os
 import os.path as osp
 import signal
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from mmengine.hooks import Hook
 
+from tests.ports import free_port
+
 SCENARIOS = ('grad_skip', 'rollback', 'diverge', 'preempt')
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 class _SignalRank1(Hook):
@@ -84,7 +79,7 @@ def two_ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp('ddp')
     out = tmp_path_factory.mktemp('results')
     ctx = mp.get_context('spawn')
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, str(root), str(out))) for r in range(2)]
     for p in procs:
         p.start()

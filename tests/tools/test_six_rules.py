@@ -407,8 +407,9 @@ def test_runner_trains_two_rules_then_a_stopped_stress_run_and_merges(tmp_path):
                             '--cfg-options', *options,
                             'optim_wrapper.inject_nonfinite.loss_iters=[0,1]', 'custom_hooks.2.max_consecutive_skips=2',
                             'custom_hooks.2.max_rollbacks=0'])
-    assert json.loads(stress.read_text())['runs']['stress']['lr_factor'] == 8
-    r = json.loads(stress.read_text())['runs']['stress']['rules']['zoh']
+    stress_run = json.loads(stress.read_text())['runs']['stress']
+    assert stress_run['lr_factor'] == 8
+    r = stress_run['rules']['zoh']
     assert r['status'] == 'stopped' and 'training diverged at iter 2' in r['stop_reason']
     assert r['lr'] == pytest.approx(8 * config_lr)
     assert r['skipped_updates'] == 2 and [e['cause'] for e in r['skip_events']] == ['loss and gradient'] * 2

@@ -7,7 +7,6 @@ settings are LAUNCHER=none (mmengine's slurm launcher calls torch.cuda.set_devic
 import os
 import os.path as osp
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from projects.vim_disc.engine.checkpoint import load_checkpoint_safely
+from tests.ports import free_port
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 STATE = '/tmp/vim_disc_slurm'
@@ -96,12 +96,6 @@ def _reference(tmp_path, cmd, env=None):
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     proc.log = log
     return proc
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _queued(job):
@@ -245,7 +239,7 @@ def test_two_task_job_preempts_on_every_rank_and_matches_torchrun(slurm, config,
     # torchrun gives each process OMP_NUM_THREADS=1; the SLURM tasks get the same (sbatch exports the environment),
     # since another thread count changes float reduction orders and the weights would differ in the last bits
     threads = {'OMP_NUM_THREADS': '1'}
-    env = {**os.environ, 'PORT': str(_free_port()), 'PYTHON': sys.executable, **threads}
+    env = {**os.environ, 'PORT': str(free_port()), 'PYTHON': sys.executable, **threads}
     env.pop('PYTHONPATH', None)
     reference = _reference(tmp_path, ['bash', 'tools/dist_train.sh', config, '2', '--work-dir', str(ref_dir),
                                       '--cfg-options', f'train_cfg.max_iters={iters}', 'env_cfg.dist_cfg.backend=gloo'],

@@ -7,12 +7,13 @@ read them).
         [--parallel N] [--keep-checkpoints] [--cfg-options key=value ...]
     python tools/analysis/six_rules_gpu.py --merge A.json B.json ... --out-json J --out-png P
 
-``--stress`` trains at 4x the config's lr, or ``--stress-factor`` x (the guard's skips and rollbacks, on purpose). Each rule trains in its
-own process (a crash or a hang costs that rule only; ``--time-budget`` stops it with SIGTERM, which the
-PreemptionHook turns into a clean stop) into WORK_DIR/<nominal|stress>/<rule>, ``--parallel`` of them at a time;
-a rule whose work dir already holds a finished run of the same request is not trained again. The JSON and the PNG
-are rewritten after every rule, so a call cut short still leaves the rules it finished. ``--merge`` joins the
-JSONs of several calls (rule subsets, nominal and stress) into one JSON and one picture, without training.
+``--stress`` trains at ``--stress-factor`` (default 4) x the config's lr (the guard's skips and rollbacks, on
+purpose). Each rule trains in its own process (a crash or a hang costs that rule only; ``--time-budget`` stops it
+with SIGTERM, which the PreemptionHook turns into a clean stop) into WORK_DIR/<nominal|stress>/<rule>,
+``--parallel`` of them at a time; a rule whose work dir already holds a finished run of the same request is not
+trained again. The JSON and the PNG are rewritten after every rule, so a call cut short still leaves the rules it
+finished. ``--merge`` joins the JSONs of several calls (rule subsets, nominal and stress) into one JSON and one
+picture, without training.
 """
 import argparse
 import json
@@ -68,6 +69,10 @@ def parse_args(argv=None):
     if args.stress_factor <= 0:
         parser.error('--stress-factor must be positive')
     return args
+
+
+def _lr_factor(args) -> float:
+    return args.stress_factor if args.stress else 1.0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -131,10 +136,6 @@ def train_one(args) -> int:
 # ----------------------------------------------------------------------------------------------------
 # The parent: every rule in a child process, then the report
 # ----------------------------------------------------------------------------------------------------
-def _lr_factor(args) -> float:
-    return args.stress_factor if args.stress else 1.0
-
-
 def _request(args) -> dict:
     return dict(iters=args.iters, stress=bool(args.stress), lr_factor=_lr_factor(args), device=args.device,
                 cfg_options=list(args.cfg_options))
